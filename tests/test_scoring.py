@@ -1,0 +1,57 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zoft
+from zoft.data import Encoded, collate
+from zoft.scoring import classification_loss, evaluate
+from tests.conftest import tiny_llama
+
+CANDIDATES = torch.tensor([3, 7, 11])
+PROMPTS = [[5, 9, 2, 14], [8, 1], [20, 21, 22, 23, 24, 25, 26], [40]]
+LABELS = [0, 2, 1, 1]
+
+
+def full_logits_loss(model, prompts, labels):
+    """MeZO's definition, one unpadded prompt at a time: s_k = log p(candidate k | prompt) over
+    the whole vocabulary, loss = cross-entropy of softmax(s) against the gold candidate."""
+    losses = []
+    for ids, label in zip(prompts, labels):
+        logp = F.log_softmax(model(torch.tensor([ids])).logits[0, -1], dim=-1)
+        losses.append(F.cross_entropy(logp[CANDIDATES][None], torch.tensor([label])))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_candidate_scoring_equals_full_logits_loss(tied):
+    model = tiny_llama(tied=tied)
+    batch = collate([Encoded(p, y) for p, y in zip(PROMPTS, LABELS)], pad_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(classification_loss(model, batch, CANDIDATES),
+                                   full_logits_loss(model, PROMPTS, LABELS), rtol=1e-5, atol=1e-6)
+
+
+def test_candidate_scoring_equals_full_logits_loss_under_perturbation():
+    """The head's rows are perturbed exactly as the full output embedding would be."""
+    model = tiny_llama(tied=True)
+    opt = zoft.mezo(model, eps=0.05)
+    batch = collate([Encoded(p, y) for p, y in zip(PROMPTS, LABELS)], pad_id=0)
+    scales = [0.05] * len(opt.blocks)
+    with torch.no_grad(), opt.perturber.active(4, scales):
+        fast = classification_loss(model, batch, CANDIDATES)
+        full = full_logits_loss(model, PROMPTS, LABELS)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_counts_accuracy():
+    model = tiny_llama()
+    items = [Encoded(p, y) for p, y in zip(PROMPTS, LABELS)]
+    with torch.no_grad():
+        batch = collate(items, pad_id=0)
+        from zoft.scoring import candidate_logits
+
+        pred = candidate_logits(model, batch, CANDIDATES).argmax(-1)
+    expected = (pred == batch["labels"]).float().mean().item()
+    result = evaluate(model, items, CANDIDATES, pad_id=0, batch_size=3)
+    assert result["acc"] == pytest.approx(expected)
+    assert result["loss"] == pytest.approx(full_logits_loss(model, PROMPTS, LABELS).item(), rel=1e-5)

@@ -1,0 +1,85 @@
+"""Command line: parsing only. Any user error is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import fields
+
+from zoft.errors import ZoftError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+_HELP = {
+    "model": "hub id, local path, or the embedded default (smollm2-135m)",
+    "task": "tweets (embedded) or sst2 (needs --data-dir or the hub)",
+    "data_dir": "folder with the task's official files (e.g. ../shared/data)",
+    "lr": "learning rate (ZO-SGD)",
+    "eps": "perturbation scale ε",
+    "directions": "directions per step (n-SPSA, 2n forwards per step)",
+    "noise": "table: fixed Gaussian table at seeded offsets (fast); gaussian: regenerated N(0,1) as in MeZO",
+    "schedule": "constant or linear (to 0 at the last step)",
+    "data_seed": "seed of the train/dev/test sampling (kept apart from --seed)",
+    "eval_every": "steps between dev evaluations",
+    "report_to": "none or wandb (offline unless an API key is set)",
+    "save_model": "save the selected (best dev) model into the run directory",
+}
+
+
+def _add_config_flags(parser, config_cls):
+    for f in fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action="store_true", help=_HELP.get(f.name))
+            continue
+        kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+        parser.add_argument(flag, type=kind, default=f.default, help=_HELP.get(f.name, f"default {f.default}"))
+
+
+def build_parser():
+    from zoft import __version__
+    from zoft.finetune import FinetuneConfig
+
+    parser = _Parser(prog="zoft", description="Zeroth-order fine-tuning of language models.")
+    parser.add_argument("--version", action="version", version=f"zoft {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    ft = sub.add_parser("finetune", help="fine-tune with forward passes only (MeZO's protocol)")
+    _add_config_flags(ft, FinetuneConfig)
+    return parser
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "finetune":
+            from transformers.utils import logging as hf_logging
+
+            from zoft.finetune import FinetuneConfig, run
+
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+            cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+            s = run(cfg)
+            print(f"run: {s['run_dir']}")
+            print(f"test accuracy: before {s['test_acc_before']:.4f}  after {s['test_acc_after']:.4f}"
+                  f"  (model at step {s['selected_step']}, best dev {s['best_dev_acc']:.4f})")
+            print(f"{s['steps']} steps, {s['forward_passes']} forward passes, {s['s_per_step']:.2f} s/step,"
+                  f" peak memory {s['peak_memory_mb']:.0f} MB")
+    except ZoftError as e:
+        print(f"zoft: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zoft: interrupted; no run directory was left behind", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

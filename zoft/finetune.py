@@ -1,0 +1,221 @@
+"""``zoft finetune``: MeZO's protocol around a ZOOptimizer, in one loop a reader can follow.
+
+Everything a user can get wrong is checked before the run directory exists; the run is
+written into a hidden temporary folder that is renamed into place only when it succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import zoft
+from zoft.data import Batches, candidate_token_ids, encode
+from zoft.errors import ZoftError
+from zoft.logging import JsonlLogger, WandbLogger
+from zoft.models import DEFAULT_MODEL, checkpoint_reader, load_model, model_id
+from zoft.noise import NOISE_SOURCES
+from zoft.optimizer import build_optimizer
+from zoft.scoring import classification_loss, evaluate
+from zoft.tasks import get_task, sample_splits
+
+
+@dataclass
+class FinetuneConfig:
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "hub id, local path or the embedded default"})
+    task: str = "tweets"
+    data_dir: str | None = None
+    num_train: int = 1000
+    num_dev: int = 500
+    num_test: int = 1000
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-5
+    eps: float = 1e-3
+    directions: int = 1
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    noise: str = "table"
+    seed: int = 0
+    data_seed: int = 0
+    eval_every: int = 100
+    eval_batch_size: int = 32
+    max_length: int = 256
+    mode: str = "full"
+    output_dir: str = "runs"
+    run_name: str | None = None
+    save_model: bool = False
+    report_to: str = "none"
+    wandb_project: str = "zoft"
+    device: str = "auto"
+
+    def __post_init__(self):
+        positive = ["steps", "batch_size", "directions", "eval_every", "eval_batch_size", "max_length", "num_train"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ZoftError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.num_dev < 1 or self.num_test < 1:
+            raise ZoftError("num-dev and num-test must be >= 1")
+        for name in ("lr", "eps"):
+            if not getattr(self, name) > 0:
+                raise ZoftError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.noise not in NOISE_SOURCES:
+            raise ZoftError(f"noise must be one of {sorted(NOISE_SOURCES)}, got {self.noise!r}")
+        if self.mode != "full":
+            raise ZoftError(f"mode must be 'full', got {self.mode!r}")
+        if self.report_to not in ("none", "wandb"):
+            raise ZoftError(f"report-to must be none or wandb, got {self.report_to!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ZoftError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ZoftError("device cuda asked for, but no CUDA device is available")
+
+    def method(self) -> dict:
+        return {
+            "estimator": {"name": "spsa", "eps": self.eps},
+            "perturbation": {"name": "isotropic"},
+            "update": {"name": "sgd", "lr": self.lr, "weight_decay": self.weight_decay,
+                       "schedule": self.schedule, "total_steps": self.steps},
+        }
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _restore_step(opt, cfg, upto: int) -> bool:
+    """Rebuild the weights after ``upto`` steps: initial weights from the checkpoint, then the
+    recorded updates replayed (bit-identical). False when the checkpoint cannot be read."""
+    read = checkpoint_reader(cfg.model)
+    initial = {b.name: read(b.name) for b in opt.blocks} if read else {}
+    if not read or any(t is None for t in initial.values()):
+        return False
+    with torch.no_grad():
+        for b in opt.blocks:
+            b.param.data.copy_(initial.pop(b.name))
+    opt.replay(opt.history[:upto])
+    return True
+
+
+def _save_trajectory(path: Path, opt, cfg):
+    steps = opt.history
+    tensors = {
+        "seeds": torch.tensor([s.seeds for s in steps], dtype=torch.int64),
+        "scales": torch.stack([s.scales for s in steps]),
+    }
+    if steps and steps[0].decay is not None:
+        tensors["decay"] = torch.stack([s.decay for s in steps])
+    meta = {"format": "zoft-trajectory-1", "blocks": json.dumps([b.name for b in opt.blocks]),
+            "noise": cfg.noise, "model": model_id(cfg.model), "zoft_version": zoft.__version__}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    task = get_task(cfg.task)
+    splits = sample_splits(task, cfg.data_dir, cfg.num_train, cfg.num_dev, cfg.num_test, cfg.data_seed)
+    name = cfg.run_name or f"{cfg.task}-spsa-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.output_dir) / name
+    if run_dir.exists():
+        raise ZoftError(f"run directory already exists: {run_dir}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    model, tokenizer = load_model(cfg.model, device=device)
+    cand = candidate_token_ids(task, tokenizer).to(device)
+    pad = tokenizer.pad_token_id
+    train, dev, test = (encode(task, s, tokenizer, cfg.max_length) for s in (splits.train, splits.dev, splits.test))
+    opt = build_optimizer(model, **cfg.method(), noise=cfg.noise, num_directions=cfg.directions,
+                          seed=cfg.seed, record=True)
+
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=run_dir.parent))
+    loggers = []
+    try:
+        config = {**asdict(cfg), "model_id": model_id(cfg.model), "device": device,
+                  "num_blocks": len(opt.blocks), "trainable_params": sum(b.numel for b in opt.blocks),
+                  "split_sizes": {"train": len(train), "dev": len(dev), "test": len(test)},
+                  "versions": {"zoft": zoft.__version__, "torch": torch.__version__,
+                               "transformers": __import__("transformers").__version__,
+                               "python": platform.python_version()}}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        loggers.append(JsonlLogger(tmp / "metrics.jsonl"))
+        if cfg.report_to == "wandb":
+            loggers.append(WandbLogger(tmp, config, cfg.wandb_project, name, group=f"{cfg.model}/{cfg.task}",
+                                       job_type="spsa", tags=["spsa", "isotropic", cfg.mode, cfg.noise]))
+
+        def log(metrics, step):
+            for lg in loggers:
+                lg.log(metrics, step)
+
+        def evaluate_on(items):
+            return evaluate(model, items, cand, pad, cfg.eval_batch_size, device)
+
+        start = time.perf_counter()
+        test_before = evaluate_on(test)
+        dev_eval = evaluate_on(dev)
+        log({"dev/acc": dev_eval["acc"], "dev/loss": dev_eval["loss"], "test/acc_before": test_before["acc"]}, 0)
+        best_acc, best_step = dev_eval["acc"], 0
+        batches = Batches(train, cfg.batch_size, cfg.seed, pad, device)
+        train_seconds, forward_passes = 0.0, 0
+        bar = tqdm(range(cfg.steps), desc=f"zoft {cfg.task}", unit="step", file=sys.stderr, dynamic_ncols=True)
+        for step in bar:
+            batch = next(batches)
+            t0 = time.perf_counter()
+            loss = opt.step(lambda: classification_loss(model, batch, cand))
+            train_seconds += time.perf_counter() - t0
+            forward_passes += opt.last["forward_passes"]
+            bar.set_postfix(loss=f"{loss:.3f}", fwd=forward_passes, s_step=f"{train_seconds / (step + 1):.2f}")
+            log({"train/loss": loss, "train/loss_minus": opt.last["loss_minus"],
+                 "train/proj_grad": opt.last["proj_grad"], "lr": opt.last["lr"],
+                 "forward_passes": forward_passes, "train_seconds": train_seconds,
+                 "peak_memory_mb": _peak_memory_mb(device)}, step + 1)
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                dev_eval = evaluate_on(dev)
+                log({"dev/acc": dev_eval["acc"], "dev/loss": dev_eval["loss"], "forward_passes": forward_passes}, step + 1)
+                if dev_eval["acc"] > best_acc:
+                    best_acc, best_step = dev_eval["acc"], step + 1
+        bar.close()
+        final_dev_acc = dev_eval["acc"]
+        selected = cfg.steps
+        if best_step != cfg.steps and _restore_step(opt, cfg, best_step):
+            selected = best_step
+        test_after = evaluate_on(test)
+        _save_trajectory(tmp / "trajectory.safetensors", opt, cfg)
+        if cfg.save_model:
+            model.save_pretrained(tmp / "model")
+            tokenizer.save_pretrained(tmp / "model")
+        summary = {
+            "task": cfg.task, "model": model_id(cfg.model), "method": "spsa", "noise": cfg.noise,
+            "test_acc_before": test_before["acc"], "test_acc_after": test_after["acc"],
+            "selected_step": selected, "best_dev_acc": best_acc, "best_dev_step": best_step,
+            "final_dev_acc": final_dev_acc, "steps": cfg.steps, "forward_passes": forward_passes,
+            "train_seconds": train_seconds, "s_per_step": train_seconds / cfg.steps,
+            "wall_seconds": time.perf_counter() - start, "peak_memory_mb": _peak_memory_mb(device),
+            "device": device,
+        }
+        log({"test/acc": test_after["acc"]}, cfg.steps)
+        for lg in loggers:
+            lg.summary(summary)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        for lg in loggers:
+            lg.close()
+        loggers.clear()
+        tmp.rename(run_dir)
+    except BaseException:
+        for lg in loggers:
+            lg.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary["run_dir"] = str(run_dir)
+    return summary

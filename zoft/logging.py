@@ -1,0 +1,55 @@
+"""Metrics go to metrics.jsonl always, and to W&B when asked (offline unless a key is set).
+
+Core code returns metric dicts; only this module routes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class JsonlLogger:
+    def __init__(self, path: Path):
+        self._file = open(path, "a", encoding="utf-8")
+
+    def log(self, metrics: dict, step: int):
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._file.flush()
+
+    def summary(self, summary: dict):
+        pass
+
+    def close(self):
+        self._file.close()
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", "~/.netrc")).expanduser()
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+class WandbLogger:
+    """Never prompts: offline mode (``wandb sync`` later) unless an API key is configured."""
+
+    def __init__(self, run_dir: Path, config: dict, project: str, name: str, group: str, job_type: str, tags):
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE") or ("online" if _has_wandb_key() else "offline")
+        self._run = wandb.init(
+            project=project, name=name, group=group, job_type=job_type, tags=list(tags),
+            config=config, dir=str(run_dir), mode=mode, reinit="finish_previous",
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+
+    def log(self, metrics: dict, step: int):
+        self._run.log(metrics, step=step)
+
+    def summary(self, summary: dict):
+        self._run.summary.update(summary)
+
+    def close(self):
+        self._run.finish()

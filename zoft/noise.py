@@ -1,0 +1,82 @@
+"""Where the random directions z come from. Both sources are pure functions of
+(direction seed, block, chunk), so any piece of a direction can be regenerated in isolation.
+
+- ``table`` (default): z is read from one fixed Gaussian table at seeded offsets, the trick of
+  evolution-strategies systems. Reading a slice costs nothing next to generating Gaussians,
+  which on a CPU costs about half a forward pass per pass over the weights. Over the random
+  offsets E[z zᵀ] = I up to the table's sample autocorrelation (about 1/sqrt(size)).
+- ``gaussian``: fresh N(0, 1) per chunk from a generator seeded by (seed, block, chunk), as
+  MeZO regenerates its noise; exact i.i.d. Gaussian directions at the cost of generating them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zoft.blocks import MAX_CHUNK, Block
+from zoft.rng import derive
+
+TABLE_SEED = 20260523
+
+
+class NoiseTable:
+    name = "table"
+
+    def __init__(self, size: int = 1 << 22, seed: int = TABLE_SEED):
+        if size < 2 * MAX_CHUNK:
+            raise ValueError(f"noise table size must be at least {2 * MAX_CHUNK}, got {size}")
+        self.size, self.seed = size, seed
+        self._tables: dict[torch.device, torch.Tensor] = {}
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        table = self._tables.get(device)
+        if table is None:
+            gen = torch.Generator().manual_seed(self.seed)  # same table on every device
+            table = torch.randn(self.size, generator=gen).to(device)
+            self._tables[device] = table
+        return table
+
+    def _offset(self, seed: int, block: Block, k: int, n: int) -> int:
+        return derive(seed, block.index, k) % (self.size - n + 1)
+
+    def chunk(self, seed: int, block: Block, k: int, n: int, device) -> torch.Tensor:
+        off = self._offset(seed, block, k, n)
+        return self._table(torch.device(device))[off : off + n]
+
+    def rows(self, seed: int, block: Block, row_ids: torch.Tensor) -> torch.Tensor:
+        """z restricted to the given rows of the block, shape (len(row_ids), row_len)."""
+        rows_per_chunk = block.chunk_len // block.row_len
+        offsets = torch.tensor(
+            [self._offset(seed, block, k, n) for k, _, n in block.chunks()], device=row_ids.device
+        )
+        start = offsets[row_ids // rows_per_chunk] + (row_ids % rows_per_chunk) * block.row_len
+        cols = torch.arange(block.row_len, device=row_ids.device)
+        return self._table(row_ids.device)[start[:, None] + cols]
+
+
+class GaussianNoise:
+    name = "gaussian"
+
+    def chunk(self, seed: int, block: Block, k: int, n: int, device) -> torch.Tensor:
+        gen = torch.Generator(device=device).manual_seed(derive(seed, block.index, k))
+        return torch.randn(n, generator=gen, device=device)
+
+    def rows(self, seed: int, block: Block, row_ids: torch.Tensor) -> torch.Tensor:
+        rows_per_chunk = block.chunk_len // block.row_len
+        out = torch.empty(len(row_ids), block.row_len, device=row_ids.device)
+        chunk_of = row_ids // rows_per_chunk
+        for k, _, n in block.chunks():
+            hit = chunk_of == k
+            if hit.any():
+                z = self.chunk(seed, block, k, n, row_ids.device).view(-1, block.row_len)
+                out[hit] = z[row_ids[hit] % rows_per_chunk]
+        return out
+
+
+NOISE_SOURCES = {"table": NoiseTable, "gaussian": GaussianNoise}
+
+
+def make_noise(name: str, **kwargs):
+    if name not in NOISE_SOURCES:
+        raise ValueError(f"unknown noise source {name!r}; choose from {sorted(NOISE_SOURCES)}")
+    return NOISE_SOURCES[name](**kwargs)

@@ -1,0 +1,143 @@
+"""Applying directions to a model: out of place while the loss is evaluated, in place to update.
+
+While a direction is active, a pre-hook on each module that owns trainable tensors swaps in a
+perturbed copy (``p.data = θ + s·z``) and a post-hook swaps the original storage back. The
+weights are never written during evaluation, so "restoring" them is exact in every dtype (MeZO's
++ε, −2ε, +ε round trip drifts, badly in fp16), and it costs the same memory traffic as an
+in-place perturbation. Embedding lookups are perturbed after the gather, row by row, so a large
+vocabulary never needs a second copy; ``perturbed_rows`` gives any code (a candidate-scoring
+head, say) the rows of a weight as the active direction sees them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from zoft.blocks import Block
+
+_active: Perturber | None = None
+
+
+def perturbed_rows(weight: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
+    """``weight[row_ids]``, plus the active direction's perturbation of those rows if any."""
+    rows = weight[row_ids]
+    if _active is None:
+        return rows
+    return _active.perturb_rows(weight, row_ids, rows)
+
+
+def _gathers_rows(module: nn.Module) -> bool:
+    # Only a plain lookup can be perturbed after the gather (max_norm would rewrite the weight).
+    return type(module).forward is nn.Embedding.forward and module.max_norm is None
+
+
+class Perturber:
+    def __init__(self, model: nn.Module, blocks: Sequence[Block], noise):
+        self.blocks, self.noise = list(blocks), noise
+        self._block_of = {id(b.param): b for b in self.blocks}
+        self._seed: int | None = None
+        self._scales: Sequence[float] = ()
+        self._swapped: dict[int, list[tuple[nn.Parameter, torch.Tensor]]] = {}
+        # Perturbed copies reuse buffers: fresh pages cost the kernel a zero-fill each forward.
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self.touched: set[int] = set()  # blocks the last active direction reached
+        self._handles = []
+        for module in model.modules():
+            if not any(id(p) in self._block_of for p in module.parameters(recurse=False)):
+                continue
+            if _gathers_rows(module):
+                self._handles.append(
+                    module.register_forward_hook(self._perturb_lookup, with_kwargs=True)
+                )
+            else:
+                self._handles.append(module.register_forward_pre_hook(self._swap_in))
+                self._handles.append(module.register_forward_hook(self._swap_out, always_call=True))
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @contextlib.contextmanager
+    def active(self, seed: int, scales: Sequence[float]):
+        """Evaluate the model at θ + scales[b]·z_b(seed) for every block b; θ is untouched."""
+        global _active
+        if _active is not None:
+            raise RuntimeError("a perturbation is already active")
+        self._seed, self._scales, self.touched = seed, scales, set()
+        _active = self
+        try:
+            yield self
+        finally:
+            _active, self._seed = None, None
+            for swapped in self._swapped.values():  # a forward that raised skips no restore
+                for p, original in swapped:
+                    self._release(p, original)
+            self._swapped.clear()
+
+    def direction_chunks(self, seed: int, block: Block):
+        device = block.param.device
+        for k, start, n in block.chunks():
+            yield start, n, self.noise.chunk(seed, block, k, n, device)
+
+    @torch.no_grad()
+    def add_(self, seed: int, scales: Sequence[float]):
+        """θ_b += scales[b]·z_b(seed) in place: the update, one pass over each block."""
+        for b in self.blocks:
+            s = scales[b.index]
+            if s != 0.0:
+                flat = b.param.data.view(-1)
+                for start, n, z in self.direction_chunks(seed, b):
+                    flat[start : start + n].add_(z, alpha=s)
+
+    def _perturbed_copy(self, block: Block, original: torch.Tensor, s: float) -> torch.Tensor:
+        free = self._free.get((original.shape, original.dtype, original.device))
+        out = free.pop() if free else torch.empty_like(original)
+        src, dst = original.view(-1), out.view(-1)
+        for start, n, z in self.direction_chunks(self._seed, block):
+            torch.add(src[start : start + n], z, alpha=s, out=dst[start : start + n])
+        return out
+
+    def _swap_in(self, module, args):
+        if self._seed is None or id(module) in self._swapped:
+            return
+        swapped = []
+        for p in module.parameters(recurse=False):
+            block = self._block_of.get(id(p))
+            if block is None or self._scales[block.index] == 0.0:
+                continue
+            original = p.data
+            p.data = self._perturbed_copy(block, original, self._scales[block.index])
+            swapped.append((p, original))
+            self.touched.add(block.index)
+        if swapped:
+            self._swapped[id(module)] = swapped
+
+    def _swap_out(self, module, args, output):
+        for p, original in self._swapped.pop(id(module), ()):
+            self._release(p, original)
+
+    def _release(self, p, original):
+        copy, p.data = p.data, original
+        self._free.setdefault((copy.shape, copy.dtype, copy.device), []).append(copy)
+
+    def _perturb_lookup(self, module, args, kwargs, output):
+        if self._seed is None:
+            return None
+        ids = args[0] if args else kwargs["input"]
+        rows = self.perturb_rows(module.weight, ids.reshape(-1), None)
+        return None if rows is None else output + rows.view(output.shape).to(output.dtype)
+
+    def perturb_rows(self, weight, row_ids, rows):
+        """rows + s·z[row_ids] (or just s·z[row_ids] when rows is None); None if unperturbed."""
+        block = self._block_of.get(id(weight))
+        if block is None or self._scales[block.index] == 0.0:
+            return rows
+        self.touched.add(block.index)
+        z = self.noise.rows(self._seed, block, row_ids).to(weight.dtype)
+        s = self._scales[block.index]
+        return s * z if rows is None else rows + s * z

