@@ -29,12 +29,14 @@ from zoft.scoring import classification_loss
 from zoft.tasks import get_task, sample_splits
 
 
-def setup(batch_size=16):
+def setup(batch_size=16, group_by_length=1):
+    """The model and one batch of 16 training tweets: a random one (MeZO's batching), or with
+    ``group_by_length`` the first batch of zoft's trainer, which holds similar lengths."""
     model, tok = load_model()
     task = get_task("tweets")
     splits = sample_splits(task, None, 1000, 10, 10, seed=0)
     items = encode(task, splits.train, tok, 256)
-    batch = next(Batches(items, batch_size, 0, tok.pad_token_id))
+    batch = next(Batches(items, batch_size, 0, tok.pad_token_id, group_by_length=group_by_length))
     cand = candidate_token_ids(task, tok)
     return model, batch, cand
 
@@ -66,6 +68,7 @@ def mezo_reference_step(model, closure, seed, lr=1e-5, eps=1e-3):
 
 def timings(rounds: int) -> dict:
     model, batch, cand = setup()
+    _, grouped_batch, _ = setup(group_by_length=16)
 
     def closure():
         return classification_loss(model, batch, cand)
@@ -74,12 +77,21 @@ def timings(rounds: int) -> dict:
     for opt in modes.values():  # hooks of the other mode are idle while one steps
         opt.step(closure)
     mezo_reference_step(model, closure, seed=0)
-    times = {k: [] for k in ("forward", "table", "gaussian", "mezo_reference")}
+    times = {k: [] for k in ("forward", "table", "gaussian", "mezo_reference", "forward_grouped", "table_grouped")}
     for r in range(rounds):
         with torch.inference_mode():
             t = time.perf_counter()
+            classification_loss(model, grouped_batch, cand)
+            classification_loss(model, grouped_batch, cand)
+            times["forward_grouped"].append((time.perf_counter() - t) / 2)
+        t = time.perf_counter()
+        modes["table"].step(lambda: classification_loss(model, grouped_batch, cand))
+        times["table_grouped"].append(time.perf_counter() - t)
+        with torch.inference_mode():  # two forwards back to back, as inside a step
+            t = time.perf_counter()
             closure()
-            times["forward"].append(time.perf_counter() - t)
+            closure()
+            times["forward"].append((time.perf_counter() - t) / 2)
         for name, opt in modes.items():
             t = time.perf_counter()
             opt.step(closure)
@@ -97,6 +109,10 @@ def timings(rounds: int) -> dict:
         "step_over_2fwd_mezo_exact": med["gaussian"] / (2 * fwd),
         "step_s_mezo_reference": med["mezo_reference"],
         "step_over_2fwd_mezo_reference": med["mezo_reference"] / (2 * fwd),
+        "batch_tokens": tuple(batch["input_ids"].shape),
+        "forward_s_grouped": med["forward_grouped"],
+        "step_over_2fwd_grouped": med["table_grouped"] / (2 * med["forward_grouped"]),
+        "batch_tokens_grouped": tuple(grouped_batch["input_ids"].shape),
         "rounds": rounds,
     }
 
@@ -137,7 +153,7 @@ def peak_rss(setting: str) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--rss", choices=["infer", "zo", "adamw"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("ZOFT_THREADS", torch.get_num_threads())))

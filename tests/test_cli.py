@@ -44,6 +44,8 @@ def test_finetune_writes_a_complete_run_directory(tmp_path, tiny_model_dir, caps
         (["--steps", "0"], "steps must be >= 1"),
         (["--batch-size", "0"], "batch-size must be >= 1"),
         (["--noise", "pink"], "noise must be one of"),
+        (["--estimator", "kernel", "--kernel-order", "3"], "kernel order must be 2, 4 or 6"),
+        (["--estimator", "fancy"], "estimator must be one of"),
         (["--task", "sst2", "--data-dir", "/no/such/dir"], "data dir not found"),
         (["--model", "/no/such/model"], "cannot load model '/no/such/model'"),
     ],
@@ -100,3 +102,13 @@ def test_wandb_offline_run_is_written_without_login(tmp_path, tiny_model_dir, mo
                     "--report-to", "wandb") == 0
     offline = list((tmp_path / "runs" / "w" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+
+
+def test_kernel_estimator_from_the_cli(tmp_path, tiny_model_dir):
+    assert finetune(tmp_path, tiny_model_dir, "--steps", "2", "--run-name", "k", "--estimator", "kernel",
+                    "--kernel-order", "6", "--r-mode", "block", "--directions", "2") == 0
+    config = json.loads((tmp_path / "runs" / "k" / "config.json").read_text())
+    assert (config["estimator"], config["kernel_order"], config["r_mode"]) == ("kernel", 6, "block")
+    with safe_open(tmp_path / "runs" / "k" / "trajectory.safetensors", "pt") as f:
+        scales = f.get_tensor("scales")
+    assert scales.shape[:2] == (2, 2) and len(set(scales[0, 0].tolist())) > 1  # K(r_b) per block

@@ -96,6 +96,7 @@ def test_replay_rebuilds_weights_bit_identically():
     assert not all(torch.equal(p, f) for p, f in zip(partial, final))
 
 
+@pytest.mark.filterwarnings("ignore:.*never read by the loss")
 def test_weight_decay_skips_norms():
     model = tiny_llama()
     norms = {n: p.detach().clone() for n, p in model.named_parameters() if "norm" in n}
@@ -109,6 +110,7 @@ def test_weight_decay_skips_norms():
             assert torch.allclose(p, tiny_llama().state_dict()[n] * 0.5)
 
 
+@pytest.mark.filterwarnings("ignore:.*never read by the loss")
 def test_non_finite_loss_raises_and_leaves_weights_unchanged():
     model = tiny_llama()
     before = [p.detach().clone() for p in model.parameters()]

@@ -55,3 +55,21 @@ def test_evaluate_counts_accuracy():
     result = evaluate(model, items, CANDIDATES, pad_id=0, batch_size=3)
     assert result["acc"] == pytest.approx(expected)
     assert result["loss"] == pytest.approx(full_logits_loss(model, PROMPTS, LABELS).item(), rel=1e-5)
+
+
+def test_batches_group_by_length_keeps_every_example_once_per_epoch():
+    from zoft.data import Batches
+
+    items = [Encoded([1] * (1 + (i * 7) % 23), i) for i in range(64)]
+    grouped = Batches(items, 8, seed=0, pad_id=0, group_by_length=4)
+    plain = Batches(items, 8, seed=0, pad_id=0, group_by_length=1)
+
+    def epoch(b):
+        batches = [next(b) for _ in range(8)]
+        labels = sorted(x for batch in batches for x in batch["labels"].tolist())
+        padding = sum((batch["input_ids"].shape[1] - batch["lengths"]).sum().item() for batch in batches)
+        return labels, padding
+
+    (labels_g, pad_g), (labels_p, pad_p) = epoch(grouped), epoch(plain)
+    assert labels_g == labels_p == list(range(64))
+    assert pad_g < pad_p / 2

@@ -47,17 +47,31 @@ def collate(items: list[Encoded], pad_id: int, device="cpu") -> dict[str, torch.
 
 
 class Batches:
-    """Endless seeded shuffles of the training set; its state is (epoch, position)."""
+    """Endless seeded shuffles of the training set; its state is (epoch, position).
 
-    def __init__(self, items: list[Encoded], batch_size: int, seed: int, pad_id: int, device="cpu"):
+    With ``group_by_length`` (as in HF Trainer) each shuffle is sorted by length within windows
+    of ``group_by_length`` batches and the batches are shuffled again: batches stay random
+    samples but hold prompts of similar length, so little compute goes to padding.
+    """
+
+    def __init__(self, items: list[Encoded], batch_size: int, seed: int, pad_id: int, device="cpu",
+                 group_by_length: int = 16):
         self.items, self.batch_size, self.seed = items, batch_size, seed
-        self.pad_id, self.device = pad_id, device
+        self.pad_id, self.device, self.group_by_length = pad_id, device, group_by_length
         self.epoch, self.position = 0, 0
         self._order = self._shuffle()
 
     def _shuffle(self) -> list[int]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
         order = list(range(len(self.items)))
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        rng.shuffle(order)
+        if self.group_by_length > 1:
+            window = self.batch_size * self.group_by_length
+            order = [i for s in range(0, len(order), window)
+                     for i in sorted(order[s : s + window], key=lambda i: len(self.items[i].input_ids))]
+            batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+            rng.shuffle(batches)
+            order = [i for b in batches for i in b]
         return order
 
     def __next__(self) -> dict[str, torch.Tensor]:

@@ -23,10 +23,11 @@ from tqdm import tqdm
 import zoft
 from zoft.data import Batches, candidate_token_ids, encode
 from zoft.errors import ZoftError
+from zoft.estimators import ESTIMATORS
 from zoft.logging import JsonlLogger, WandbLogger
 from zoft.models import DEFAULT_MODEL, checkpoint_reader, load_model, model_id
 from zoft.noise import NOISE_SOURCES
-from zoft.optimizer import build_optimizer
+from zoft.optimizer import build_optimizer, make_parts
 from zoft.scoring import classification_loss, evaluate
 from zoft.tasks import get_task, sample_splits
 
@@ -44,6 +45,11 @@ class FinetuneConfig:
     lr: float = 1e-5
     eps: float = 1e-3
     directions: int = 1
+    estimator: str = "spsa"
+    kernel_order: int = 4
+    r_mode: str = "direction"
+    radius: float = 1.0
+    shrink_steps: int = 0
     schedule: str = "constant"
     weight_decay: float = 0.0
     noise: str = "table"
@@ -70,6 +76,8 @@ class FinetuneConfig:
         for name in ("lr", "eps"):
             if not getattr(self, name) > 0:
                 raise ZoftError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.estimator not in ESTIMATORS:
+            raise ZoftError(f"estimator must be one of {sorted(ESTIMATORS)}, got {self.estimator!r}")
         if self.noise not in NOISE_SOURCES:
             raise ZoftError(f"noise must be one of {sorted(NOISE_SOURCES)}, got {self.noise!r}")
         if self.mode != "full":
@@ -82,8 +90,12 @@ class FinetuneConfig:
             raise ZoftError("device cuda asked for, but no CUDA device is available")
 
     def method(self) -> dict:
+        estimator = {"name": self.estimator, "eps": self.eps}
+        if self.estimator == "kernel":
+            estimator.update(order=self.kernel_order, r_mode=self.r_mode, radius=self.radius,
+                             shrink_steps=self.shrink_steps)
         return {
-            "estimator": {"name": "spsa", "eps": self.eps},
+            "estimator": estimator,
             "perturbation": {"name": "isotropic"},
             "update": {"name": "sgd", "lr": self.lr, "weight_decay": self.weight_decay,
                        "schedule": self.schedule, "total_steps": self.steps},
@@ -125,8 +137,10 @@ def _save_trajectory(path: Path, opt, cfg):
 
 def run(cfg: FinetuneConfig) -> dict:
     task = get_task(cfg.task)
+    method = cfg.method()
+    make_parts(**method)  # every hyperparameter is checked before anything is loaded
     splits = sample_splits(task, cfg.data_dir, cfg.num_train, cfg.num_dev, cfg.num_test, cfg.data_seed)
-    name = cfg.run_name or f"{cfg.task}-spsa-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = cfg.run_name or f"{cfg.task}-{cfg.estimator}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.output_dir) / name
     if run_dir.exists():
         raise ZoftError(f"run directory already exists: {run_dir}")
@@ -135,7 +149,7 @@ def run(cfg: FinetuneConfig) -> dict:
     cand = candidate_token_ids(task, tokenizer).to(device)
     pad = tokenizer.pad_token_id
     train, dev, test = (encode(task, s, tokenizer, cfg.max_length) for s in (splits.train, splits.dev, splits.test))
-    opt = build_optimizer(model, **cfg.method(), noise=cfg.noise, num_directions=cfg.directions,
+    opt = build_optimizer(model, **method, noise=cfg.noise, num_directions=cfg.directions,
                           seed=cfg.seed, record=True)
 
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +166,7 @@ def run(cfg: FinetuneConfig) -> dict:
         loggers.append(JsonlLogger(tmp / "metrics.jsonl"))
         if cfg.report_to == "wandb":
             loggers.append(WandbLogger(tmp, config, cfg.wandb_project, name, group=f"{cfg.model}/{cfg.task}",
-                                       job_type="spsa", tags=["spsa", "isotropic", cfg.mode, cfg.noise]))
+                                       job_type=cfg.estimator, tags=[cfg.estimator, "isotropic", cfg.mode, cfg.noise]))
 
         def log(metrics, step):
             for lg in loggers:
@@ -196,7 +210,7 @@ def run(cfg: FinetuneConfig) -> dict:
             model.save_pretrained(tmp / "model")
             tokenizer.save_pretrained(tmp / "model")
         summary = {
-            "task": cfg.task, "model": model_id(cfg.model), "method": "spsa", "noise": cfg.noise,
+            "task": cfg.task, "model": model_id(cfg.model), "method": cfg.estimator, "noise": cfg.noise,
             "test_acc_before": test_before["acc"], "test_acc_after": test_after["acc"],
             "selected_step": selected, "best_dev_acc": best_acc, "best_dev_step": best_step,
             "final_dev_acc": final_dev_acc, "steps": cfg.steps, "forward_passes": forward_passes,

@@ -28,7 +28,7 @@ class NoiseTable:
         self.size, self.seed = size, seed
         self._tables: dict[torch.device, torch.Tensor] = {}
 
-    def _table(self, device: torch.device) -> torch.Tensor:
+    def _table(self, device) -> torch.Tensor:
         table = self._tables.get(device)
         if table is None:
             gen = torch.Generator().manual_seed(self.seed)  # same table on every device
@@ -41,7 +41,7 @@ class NoiseTable:
 
     def chunk(self, seed: int, block: Block, k: int, n: int, device) -> torch.Tensor:
         off = self._offset(seed, block, k, n)
-        return self._table(torch.device(device))[off : off + n]
+        return self._table(device)[off : off + n]
 
     def rows(self, seed: int, block: Block, row_ids: torch.Tensor) -> torch.Tensor:
         """z restricted to the given rows of the block, shape (len(row_ids), row_len)."""

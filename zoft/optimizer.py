@@ -76,13 +76,13 @@ class ZOOptimizer:
         seeds = [derive(self.seed, t, i) for i in range(n)]
         radii, losses = [], []
         for seed in seeds:
-            r = self.estimator.radii(seed, num_blocks)
+            r = self.estimator.radii(seed, num_blocks, t)
             plus = [self.estimator.eps * rb * sb for rb, sb in zip(r, sigma)]
-            with self.perturber.active(seed, plus):
-                losses.append(torch.as_tensor(closure()).reshape(()))
-            self._check_reach(plus)
-            with self.perturber.active(seed, [-x for x in plus]):
-                losses.append(torch.as_tensor(closure()).reshape(()))
+            for sign in (1, -1):
+                # inference mode: no autograd bookkeeping at all in the forward passes
+                with self.perturber.active(seed, [sign * x for x in plus]), torch.inference_mode():
+                    losses.append(torch.as_tensor(closure()).reshape(()))
+                self._check_reach(plus)
             radii.append(r)
         values = torch.stack([v.detach().float().cpu() for v in losses]).tolist()  # one sync
         if not all(map(math.isfinite, values)):
@@ -92,30 +92,21 @@ class ZOOptimizer:
             )
         lr = self.update.lr(t)
         decay = self.update.decay_factors(t, self.blocks)
-        if decay is not None:
-            for b in self.blocks:
-                if decay[b.index] != 1.0:
-                    b.param.data.mul_(decay[b.index])
-        scales = torch.empty(n, num_blocks)
-        grads = []
-        for i, seed in enumerate(seeds):
-            lp, lm = values[2 * i], values[2 * i + 1]
-            coef = self.estimator.coefficients(lp, lm, radii[i])
-            row = [-lr / n * c * s for c, s in zip(coef, sigma)]
-            self.perturber.add_(seed, row)
-            scales[i] = torch.tensor(row)
-            grads.append((lp - lm) / (2 * self.estimator.eps))
+        scales = torch.empty(n, num_blocks, dtype=torch.float64)
+        for i in range(n):
+            coef = self.estimator.coefficients(values[2 * i], values[2 * i + 1], radii[i], t)
+            scales[i] = torch.tensor([-lr / n * c * s for c, s in zip(coef, sigma)], dtype=torch.float64)
+        applied = AppliedStep(seeds, scales, None if decay is None else torch.tensor(decay, dtype=torch.float64))
+        self._apply(applied)
         if self.history is not None:
-            self.history.append(
-                AppliedStep(seeds, scales, None if decay is None else torch.tensor(decay))
-            )
+            self.history.append(applied)
         loss_plus, loss_minus = sum(values[0::2]) / n, sum(values[1::2]) / n
         self.state, self.prev_losses = state, (loss_plus, loss_minus)
         self.step_count += 1
         self.last = {
             "loss_plus": loss_plus,
             "loss_minus": loss_minus,
-            "proj_grad": sum(grads) / n,
+            "proj_grad": (loss_plus - loss_minus) / (2 * self.estimator.eps),
             "lr": lr,
             "forward_passes": 2 * n,
         }
@@ -124,13 +115,17 @@ class ZOOptimizer:
     @torch.no_grad()
     def replay(self, steps: list[AppliedStep]):
         """Re-apply recorded steps to weights restored to where they started: bit-identical."""
-        for s in steps:
-            if s.decay is not None:
-                for b in self.blocks:
-                    if s.decay[b.index] != 1.0:
-                        b.param.data.mul_(float(s.decay[b.index]))
-            for i, seed in enumerate(s.seeds):
-                self.perturber.add_(seed, s.scales[i].tolist())
+        for applied in steps:
+            self._apply(applied)
+
+    def _apply(self, applied: AppliedStep):
+        """θ ← decay·θ, then θ += scales[i]·z(seeds[i]) for each direction, one pass each."""
+        if applied.decay is not None:
+            for b, keep in zip(self.blocks, applied.decay.tolist()):
+                if keep != 1.0:
+                    b.param.data.mul_(keep)
+        for seed, row in zip(applied.seeds, applied.scales.tolist()):
+            self.perturber.add_(seed, row)
 
     def _check_reach(self, scales):
         """Warn once about trainable tensors the closure's forward never reads."""
@@ -158,24 +153,24 @@ class ZOOptimizer:
         self.prev_losses, self.state = state["prev_losses"], state["perturbation_state"]
 
 
+def _make(table, spec: dict, kind: str):
+    spec = dict(spec)
+    name = spec.pop("name")
+    if name not in table:
+        raise ZoftError(f"unknown {kind} {name!r}; choose from {sorted(table)}")
+    cfg_cls, cls = table[name]
+    return cls(cfg_cls(**spec))
+
+
+def make_parts(estimator: dict, perturbation: dict, update: dict) -> tuple:
+    """(estimator, perturbation, update) from specs like {"name": "spsa", "eps": 1e-3}, one
+    config dataclass per piece; invalid hyperparameters raise ZoftError here."""
+    return (_make(ESTIMATORS, estimator, "estimator"), _make(PERTURBATIONS, perturbation, "perturbation"),
+            _make(UPDATES, update, "update"))
+
+
 def build_optimizer(model, estimator: dict, perturbation: dict, update: dict, **kwargs) -> ZOOptimizer:
-    """Build from specs like {"name": "spsa", "eps": 1e-3}: one config dataclass per piece."""
-
-    def make(table, spec, kind):
-        spec = dict(spec)
-        name = spec.pop("name")
-        if name not in table:
-            raise ZoftError(f"unknown {kind} {name!r}; choose from {sorted(table)}")
-        cfg_cls, cls = table[name]
-        return cls(cfg_cls(**spec))
-
-    return ZOOptimizer(
-        model,
-        make(ESTIMATORS, estimator, "estimator"),
-        make(PERTURBATIONS, perturbation, "perturbation"),
-        make(UPDATES, update, "update"),
-        **kwargs,
-    )
+    return ZOOptimizer(model, *make_parts(estimator, perturbation, update), **kwargs)
 
 
 def mezo(model, lr: float = 1e-5, eps: float = 1e-3, weight_decay: float = 0.0, **kwargs) -> ZOOptimizer:

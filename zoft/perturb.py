@@ -46,9 +46,12 @@ class Perturber:
         self._free: dict[tuple, list[torch.Tensor]] = {}
         self.touched: set[int] = set()  # blocks the last active direction reached
         self._handles = []
+        self._own: dict[int, list[tuple[nn.Parameter, Block]]] = {}  # module -> its blocks
         for module in model.modules():
-            if not any(id(p) in self._block_of for p in module.parameters(recurse=False)):
+            own = [(p, self._block_of[id(p)]) for p in module.parameters(recurse=False) if id(p) in self._block_of]
+            if not own:
                 continue
+            self._own[id(module)] = own
             if _gathers_rows(module):
                 self._handles.append(
                     module.register_forward_hook(self._perturb_lookup, with_kwargs=True)
@@ -97,6 +100,10 @@ class Perturber:
     def _perturbed_copy(self, block: Block, original: torch.Tensor, s: float) -> torch.Tensor:
         free = self._free.get((original.shape, original.dtype, original.device))
         out = free.pop() if free else torch.empty_like(original)
+        if block.numel <= block.chunk_len:  # one chunk: most blocks, and the hot path
+            z = self.noise.chunk(self._seed, block, 0, block.numel, original.device)
+            torch.add(original, z.view(original.shape), alpha=s, out=out)
+            return out
         src, dst = original.view(-1), out.view(-1)
         for start, n, z in self.direction_chunks(self._seed, block):
             torch.add(src[start : start + n], z, alpha=s, out=dst[start : start + n])
@@ -106,9 +113,8 @@ class Perturber:
         if self._seed is None or id(module) in self._swapped:
             return
         swapped = []
-        for p in module.parameters(recurse=False):
-            block = self._block_of.get(id(p))
-            if block is None or self._scales[block.index] == 0.0:
+        for p, block in self._own[id(module)]:
+            if self._scales[block.index] == 0.0:
                 continue
             original = p.data
             p.data = self._perturbed_copy(block, original, self._scales[block.index])

