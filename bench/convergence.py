@@ -2,8 +2,9 @@
 
     python bench/convergence.py [--out bench/results/convergence] [--steps 100] [--seeds 0 1 2]
 
-For each task, every method runs the same lr × eps grid on the first seed; the best setting of
-each method (final dev accuracy, then dev loss) then runs on the other seeds. All runs go through
+Every method runs the same lr × eps grid on the first task and seed; the best setting of each
+method there (final dev accuracy, then dev loss) then runs on every task and seed, so the other
+tasks also show whether the setting transfers. All runs go through
 ``zoft.finetune.run`` (the CLI's code path) with the same data sample. Finished runs are skipped,
 so a killed benchmark resumes. Writes ``convergence.json`` and ``convergence.png``.
 
@@ -78,30 +79,33 @@ def main():
     ap.add_argument("--epss", nargs="+", type=float, default=[1e-3, 1e-2])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--num-dev", type=int, default=200)
     ap.add_argument("--num-test", type=int, default=500)
     args = ap.parse_args()
     out = Path(args.out)
-    result = {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "tasks": {}}
+    result = {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "grid": {}, "tasks": {}}
+    best = {}
+    for method in args.methods:
+        grid = [one_run(out, args.tasks[0], method, lr, eps, args.seeds[0], args)
+                for lr, eps in itertools.product(args.lrs, args.epss)]
+        best[method] = max(grid, key=lambda r: (r["final_dev_acc"], -r["curve"][-1][2]))
+        result["grid"][method] = [{k: r[k] for k in ("lr", "eps", "final_dev_acc", "test_acc")} for r in grid]
     for task in args.tasks:
         per_method = {}
         for method in args.methods:
-            grid = [one_run(out, task, method, lr, eps, args.seeds[0], args)
-                    for lr, eps in itertools.product(args.lrs, args.epss)]
-            best = max(grid, key=lambda r: (r["final_dev_acc"], -r["curve"][-1][2]))
-            runs = [best] + [one_run(out, task, method, best["lr"], best["eps"], s, args) for s in args.seeds[1:]]
+            lr, eps = best[method]["lr"], best[method]["eps"]
+            runs = [one_run(out, task, method, lr, eps, s, args) for s in args.seeds]
             per_method[method] = {
-                "grid": [{k: r[k] for k in ("lr", "eps", "final_dev_acc", "test_acc")} for r in grid],
-                "best": {"lr": best["lr"], "eps": best["eps"]},
+                "best": {"lr": lr, "eps": eps},
                 "final_dev_acc": spread([r["final_dev_acc"] for r in runs]),
                 "test_acc": spread([r["test_acc"] for r in runs]),
                 "forward_passes": runs[0]["forward_passes"],
                 "s_per_step": statistics.mean(r["s_per_step"] for r in runs),
                 "mean_dev_curve": mean_curve(runs),
                 "dev_curves": [r["curve"] for r in runs],
+                "test_acc_before": runs[0]["test_acc_before"],
             }
-            per_method[method]["test_acc_before"] = runs[0]["test_acc_before"]
         target = per_method["spsa"]["final_dev_acc"]["mean"] if "spsa" in per_method else None
         for m in per_method.values():
             reach = forward_passes_to_reach(m["mean_dev_curve"], target) if target is not None else None
@@ -114,8 +118,11 @@ def main():
 
 
 def table(result) -> str:
-    rows = ["| task | method | best lr / eps | final dev acc | test acc | fwd to match SPSA |",
-            "|---|---|---|---|---|---|"]
+    rows = [f"grid on {next(iter(result['tasks']))}, seed {result['settings']['seeds'][0]} (final dev acc):"]
+    for method, grid in result["grid"].items():
+        rows.append(f"- {method}: " + ", ".join(f"lr {g['lr']:g} eps {g['eps']:g}: {g['final_dev_acc']:.3f}" for g in grid))
+    rows += ["", "| task | method | lr / eps | final dev acc | test acc | fwd to match SPSA |",
+             "|---|---|---|---|---|---|"]
     for task, methods in result["tasks"].items():
         for name, m in methods.items():
             d, t, r = m["final_dev_acc"], m["test_acc"], m["fwd_ratio_to_match_spsa"]
@@ -140,7 +147,7 @@ def plot(result, path: Path):
             ys = [[p[1] for p in c] for c in curves]
             mean = [statistics.mean(v) for v in zip(*ys)]
             lo, hi = [min(v) for v in zip(*ys)], [max(v) for v in zip(*ys)]
-            line, = ax.plot(x, mean, label=f"{name} (lr {m['best']['lr']:g}, eps {m['best']['eps']:g})")
+            line, = ax.plot(x, mean, label=f"{name} (lr {m['best']['lr']:g}, eps {m['best']['eps']:g}, {len(ys)} seeds)")
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
         ax.set(title=task, xlabel="forward passes", ylabel="dev accuracy")
         ax.grid(alpha=0.3)

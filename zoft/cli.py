@@ -27,6 +27,7 @@ _HELP = {
     "r_mode": "kernel estimator: one r per direction (cancels the ε² bias) or per block (authors' code)",
     "radius": "kernel estimator: r ~ U[-radius, radius] (kernel rescaled so its moments hold)",
     "shrink_steps": "kernel estimator: 0 keeps the radius; T shrinks it linearly by 1/T per step",
+    "clip_norm": "0: off; C: scale each block's estimate to norm <= C (KerZOO's code: 4e5); one extra read pass",
     "noise": "table: fixed Gaussian table at seeded offsets (fast); gaussian: regenerated N(0,1) as in MeZO",
     "schedule": "constant or linear (to 0 at the last step)",
     "data_seed": "seed of the train/dev/test sampling (kept apart from --seed)",

@@ -52,6 +52,7 @@ class FinetuneConfig:
     shrink_steps: int = 0
     schedule: str = "constant"
     weight_decay: float = 0.0
+    clip_norm: float = 0.0
     noise: str = "table"
     seed: int = 0
     data_seed: int = 0
@@ -98,7 +99,7 @@ class FinetuneConfig:
             "estimator": estimator,
             "perturbation": {"name": "isotropic"},
             "update": {"name": "sgd", "lr": self.lr, "weight_decay": self.weight_decay,
-                       "schedule": self.schedule, "total_steps": self.steps},
+                       "schedule": self.schedule, "total_steps": self.steps, "clip_norm": self.clip_norm},
         }
 
 

@@ -92,10 +92,15 @@ class ZOOptimizer:
             )
         lr = self.update.lr(t)
         decay = self.update.decay_factors(t, self.blocks)
-        scales = torch.empty(n, num_blocks, dtype=torch.float64)
+        # ĝ_b = Σ_i grad[i, b]·z_b(seed_i); the update adds −lr·ĝ
+        grad = torch.empty(n, num_blocks, dtype=torch.float64)
         for i in range(n):
             coef = self.estimator.coefficients(values[2 * i], values[2 * i + 1], radii[i], t)
-            scales[i] = torch.tensor([-lr / n * c * s for c, s in zip(coef, sigma)], dtype=torch.float64)
+            grad[i] = torch.tensor([c * s / n for c, s in zip(coef, sigma)], dtype=torch.float64)
+        clip = self.update.clip_factors(lambda: self.perturber.combination_norms(seeds, grad))
+        if clip is not None:
+            grad *= torch.tensor(clip, dtype=torch.float64)
+        scales = -lr * grad
         applied = AppliedStep(seeds, scales, None if decay is None else torch.tensor(decay, dtype=torch.float64))
         self._apply(applied)
         if self.history is not None:

@@ -97,6 +97,20 @@ class Perturber:
                 for start, n, z in self.direction_chunks(seed, b):
                     flat[start : start + n].add_(z, alpha=s)
 
+    @torch.no_grad()
+    def combination_norms(self, seeds: Sequence[int], coefs: torch.Tensor) -> list[float]:
+        """‖Σ_i coefs[i, b]·z_b(seeds[i])‖ for every block b, from the directions' Gram matrix
+        accumulated chunk by chunk: one extra read of the directions, no gradient buffer."""
+        norms = []
+        for b in self.blocks:
+            gram = torch.zeros(len(seeds), len(seeds), dtype=torch.float64)
+            for k, _, n in b.chunks():
+                z = torch.stack([self.noise.chunk(seed, b, k, n, b.param.device) for seed in seeds])
+                gram += (z @ z.T).double().cpu()
+            a = coefs[:, b.index].double()
+            norms.append(float(a @ gram @ a) ** 0.5)
+        return norms
+
     def _perturbed_copy(self, block: Block, original: torch.Tensor, s: float) -> torch.Tensor:
         free = self._free.get((original.shape, original.dtype, original.device))
         out = free.pop() if free else torch.empty_like(original)

@@ -15,6 +15,9 @@ class SGDConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "λ; never applied to biases/norms"})
     schedule: str = field(default="constant", metadata={"help": "constant | linear (to 0)"})
     total_steps: int = field(default=0, metadata={"help": "horizon of the linear schedule"})
+    clip_norm: float = field(default=0.0, metadata={
+        "help": "0: off; C > 0: scale each block's estimate ĝ_b by min(1, C/‖ĝ_b‖) (KerZOO's"
+                " code uses 4e5); costs one extra read of the step's directions"})
 
     def __post_init__(self):
         if not self.lr > 0:
@@ -23,6 +26,8 @@ class SGDConfig:
             raise ZoftError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
             raise ZoftError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.clip_norm < 0:
+            raise ZoftError(f"clip_norm must be >= 0, got {self.clip_norm}")
         if self.schedule == "linear" and self.total_steps < 1:
             raise ZoftError("the linear schedule needs total_steps >= 1")
 
@@ -39,6 +44,14 @@ class SGD:
         if self.cfg.schedule == "linear":
             return self.cfg.lr * max(0.0, 1.0 - step / self.cfg.total_steps)
         return self.cfg.lr
+
+    def clip_factors(self, block_norms) -> list[float] | None:
+        """Per-block multipliers min(1, C/‖ĝ_b‖), or None when clipping is off (``block_norms``
+        is only called then, since computing the norms costs a pass)."""
+        c = self.cfg.clip_norm
+        if c == 0.0:
+            return None
+        return [min(1.0, c / n) if n > 0 else 1.0 for n in block_norms()]
 
     def decay_factors(self, step: int, blocks) -> list[float] | None:
         """Multipliers applied to θ before the step's directions are added; None if no decay."""
