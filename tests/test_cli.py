@@ -94,16 +94,6 @@ def test_existing_run_directory_is_refused(tmp_path, tiny_model_dir, capsys):
     assert "run directory already exists" in capsys.readouterr().err
 
 
-def test_wandb_offline_run_is_written_without_login(tmp_path, tiny_model_dir, monkeypatch):
-    pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    assert finetune(tmp_path, tiny_model_dir, "--steps", "2", "--eval-every", "1", "--run-name", "w",
-                    "--report-to", "wandb") == 0
-    offline = list((tmp_path / "runs" / "w" / "wandb").glob("offline-run-*"))
-    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
-
-
 def test_kernel_estimator_from_the_cli(tmp_path, tiny_model_dir):
     assert finetune(tmp_path, tiny_model_dir, "--steps", "2", "--run-name", "k", "--estimator", "kernel",
                     "--kernel-order", "6", "--r-mode", "block", "--directions", "2") == 0

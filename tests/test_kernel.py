@@ -140,3 +140,31 @@ def test_clipping_caps_each_block_estimate_without_a_gradient_buffer():
     assert torch.linalg.vector_norm(quad.theta.detach() - before).item() == pytest.approx(lr * clip, rel=1e-4)
     with pytest.raises(zoft.ZoftError, match="clip_norm must be >= 0"):
         zoft.build_optimizer(quad, {"name": "spsa"}, {"name": "isotropic"}, {"name": "sgd", "clip_norm": -1})
+
+
+def test_iterate_averaging_follows_its_recursion_and_replays_exactly():
+    """c_{t+1} = c_t − ηĝ(x_t), y_{t+1} = x_t − (η/β_t)ĝ(x_t), x_t = y_t + (c_t − y_t)/β_t,
+    β_t = 1 + t/6; checked against the recursion written out with the recorded steps."""
+    quad = Quadratic(torch.linspace(0.5, 2.0, 30))
+    start = quad.theta.detach().clone()
+    opt = zoft.build_optimizer(quad, {"name": "kernel", "eps": 1e-2}, {"name": "isotropic"},
+                               {"name": "sgd", "lr": 0.05, "average": True}, record=True, noise="gaussian")
+    for _ in range(6):
+        opt.step(quad)
+    c, y = start.clone().double(), start.clone().double()
+    for t, applied in enumerate(opt.history):
+        z = torch.cat([ch for _, _, ch in opt.perturber.direction_chunks(applied.seeds[0], opt.blocks[0])]).double()
+        step = applied.scales[0, 0] * z  # = −η ĝ
+        beta = 1 + t / 6
+        x = y + (c - y) / beta
+        c, y = c + step, x + step / beta
+        assert applied.mix == pytest.approx(1 / beta)
+    torch.testing.assert_close(quad.theta.detach().double(), y, rtol=1e-5, atol=1e-6)
+    final = quad.theta.detach().clone()
+    with torch.no_grad():
+        quad.theta.copy_(start)
+    opt.replay(opt.history)
+    assert torch.equal(quad.theta.detach(), final)
+    with pytest.raises(zoft.ZoftError, match="average and weight_decay cannot be combined"):
+        zoft.build_optimizer(quad, {"name": "spsa"}, {"name": "isotropic"},
+                             {"name": "sgd", "average": True, "weight_decay": 0.1})

@@ -28,6 +28,7 @@ _HELP = {
     "radius": "kernel estimator: r ~ U[-radius, radius] (kernel rescaled so its moments hold)",
     "shrink_steps": "kernel estimator: 0 keeps the radius; T shrinks it linearly by 1/T per step",
     "clip_norm": "0: off; C: scale each block's estimate to norm <= C (KerZOO's code: 4e5); one extra read pass",
+    "average": "iterate averaging as in KerZOO's code (β_t = 1 + t/6); costs a copy of the trainable weights",
     "noise": "table: fixed Gaussian table at seeded offsets (fast); gaussian: regenerated N(0,1) as in MeZO",
     "schedule": "constant or linear (to 0 at the last step)",
     "data_seed": "seed of the train/dev/test sampling (kept apart from --seed)",
@@ -56,6 +57,16 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ft = sub.add_parser("finetune", help="fine-tune with forward passes only (MeZO's protocol)")
     _add_config_flags(ft, FinetuneConfig)
+    cmp = sub.add_parser("compare", help="compare run directories: plot and markdown table")
+    cmp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    cmp.add_argument("--x", default="forward_passes", help="forward_passes | steps | seconds")
+    cmp.add_argument("--metric", default="dev_acc", help="dev_acc | train_loss")
+    cmp.add_argument("--out", help="write the plot to this PNG file")
+    cmp.add_argument("--facet", choices=["task"], help="one panel per task (runs of several tasks)")
+    cmp.add_argument("--baseline", help="method whose final dev accuracy is the target (default spsa)")
+    cmp.add_argument("--target", type=float, help="dev accuracy target for 'forward passes to target'")
+    grid = sub.add_parser("grid", help="run the cartesian product of a grid file, then compare")
+    grid.add_argument("grid_file", metavar="GRID.yaml")
     return parser
 
 
@@ -64,6 +75,16 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "compare":
+            from zoft.compare import compare
+
+            print(compare(args.run_dirs, args.x, args.metric, args.out, args.facet, args.baseline, args.target))
+            return 0
+        if args.command == "grid":
+            from zoft.grid import run_grid
+
+            print(run_grid(args.grid_file, log=lambda m: print(m, file=sys.stderr)))
+            return 0
         if args.command == "finetune":
             from transformers.utils import logging as hf_logging
 

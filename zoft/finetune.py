@@ -53,6 +53,7 @@ class FinetuneConfig:
     schedule: str = "constant"
     weight_decay: float = 0.0
     clip_norm: float = 0.0
+    average: bool = False
     noise: str = "table"
     seed: int = 0
     data_seed: int = 0
@@ -99,7 +100,8 @@ class FinetuneConfig:
             "estimator": estimator,
             "perturbation": {"name": "isotropic"},
             "update": {"name": "sgd", "lr": self.lr, "weight_decay": self.weight_decay,
-                       "schedule": self.schedule, "total_steps": self.steps, "clip_norm": self.clip_norm},
+                       "schedule": self.schedule, "total_steps": self.steps, "clip_norm": self.clip_norm,
+                       "average": self.average},
         }
 
 
@@ -131,6 +133,8 @@ def _save_trajectory(path: Path, opt, cfg):
     }
     if steps and steps[0].decay is not None:
         tensors["decay"] = torch.stack([s.decay for s in steps])
+    if steps and steps[0].mix is not None:
+        tensors["mix"] = torch.tensor([s.mix for s in steps], dtype=torch.float64)
     meta = {"format": "zoft-trajectory-1", "blocks": json.dumps([b.name for b in opt.blocks]),
             "noise": cfg.noise, "model": model_id(cfg.model), "zoft_version": zoft.__version__}
     save_file(tensors, str(path), metadata=meta)
@@ -166,7 +170,7 @@ def run(cfg: FinetuneConfig) -> dict:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         loggers.append(JsonlLogger(tmp / "metrics.jsonl"))
         if cfg.report_to == "wandb":
-            loggers.append(WandbLogger(tmp, config, cfg.wandb_project, name, group=f"{cfg.model}/{cfg.task}",
+            loggers.append(WandbLogger(tmp, config, cfg.wandb_project, name, group=f"{Path(cfg.model).name}/{cfg.task}",
                                        job_type=cfg.estimator, tags=[cfg.estimator, "isotropic", cfg.mode, cfg.noise]))
 
         def log(metrics, step):

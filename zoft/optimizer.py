@@ -37,6 +37,7 @@ class AppliedStep:
     seeds: list[int]
     scales: torch.Tensor  # [num_directions, num_blocks]: θ_b += scales[i, b]·z_b(seeds[i])
     decay: torch.Tensor | None  # [num_blocks] multipliers applied first
+    mix: float | None = None  # iterate averaging: 1/β_t (see _apply)
 
 
 class ZOOptimizer:
@@ -65,11 +66,17 @@ class ZOOptimizer:
         self.history: list[AppliedStep] | None = [] if record else None
         self.last: dict[str, float] = {}
         self._reach_checked = False
+        self._anchor: list[torch.Tensor] | None = None  # c of iterate averaging
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor | float]) -> float:
         """One ZO step; ``closure`` returns the loss on a fixed batch. Returns the mean L(θ+)."""
         t, n, num_blocks = self.step_count, self.num_directions, len(self.blocks)
+        mix = self.update.mix(t)
+        if mix is not None:
+            if self._anchor is None:
+                self._anchor = [b.param.detach().clone() for b in self.blocks]
+            self._to_average_point(mix, self._anchor)
         sigma, state = self.perturbation.scales(
             self.blocks, self.state, step=t, prev_losses=self.prev_losses
         )
@@ -101,8 +108,8 @@ class ZOOptimizer:
         if clip is not None:
             grad *= torch.tensor(clip, dtype=torch.float64)
         scales = -lr * grad
-        applied = AppliedStep(seeds, scales, None if decay is None else torch.tensor(decay, dtype=torch.float64))
-        self._apply(applied)
+        applied = AppliedStep(seeds, scales, None if decay is None else torch.tensor(decay, dtype=torch.float64), mix)
+        self._apply(applied, self._anchor)
         if self.history is not None:
             self.history.append(applied)
         loss_plus, loss_minus = sum(values[0::2]) / n, sum(values[1::2]) / n
@@ -119,18 +126,33 @@ class ZOOptimizer:
 
     @torch.no_grad()
     def replay(self, steps: list[AppliedStep]):
-        """Re-apply recorded steps to weights restored to where they started: bit-identical."""
+        """Re-apply recorded steps to the weights they started from: bit-identical. With iterate
+        averaging, ``steps`` must start at step 0 (the averaging anchor starts as those weights)."""
+        anchor = [b.param.detach().clone() for b in self.blocks] if any(s.mix for s in steps) else None
         for applied in steps:
-            self._apply(applied)
+            if applied.mix is not None:
+                self._to_average_point(applied.mix, anchor)
+            self._apply(applied, anchor)
 
-    def _apply(self, applied: AppliedStep):
-        """θ ← decay·θ, then θ += scales[i]·z(seeds[i]) for each direction, one pass each."""
+    def _to_average_point(self, mix: float, anchor: list[torch.Tensor]):
+        """y → x_t = y + (c − y)/β_t: the point where iterate averaging measures the gradient."""
+        with torch.no_grad():
+            for b, c in zip(self.blocks, anchor):
+                b.param.data.lerp_(c, mix)
+
+    def _apply(self, applied: AppliedStep, anchor: list[torch.Tensor] | None = None):
+        """θ ← decay·θ, then θ += scales[i]·z(seeds[i]) for each direction, one pass each.
+        With averaging (KerZOO): c ← c − ηĝ and y ← x_t − (η/β_t)ĝ."""
         if applied.decay is not None:
             for b, keep in zip(self.blocks, applied.decay.tolist()):
                 if keep != 1.0:
                     b.param.data.mul_(keep)
         for seed, row in zip(applied.seeds, applied.scales.tolist()):
-            self.perturber.add_(seed, row)
+            if applied.mix is None:
+                self.perturber.add_(seed, row)
+            else:
+                self.perturber.add_(seed, row, targets=anchor)
+                self.perturber.add_(seed, [x * applied.mix for x in row])
 
     def _check_reach(self, scales):
         """Warn once about trainable tensors the closure's forward never reads."""

@@ -88,12 +88,13 @@ class Perturber:
             yield start, n, self.noise.chunk(seed, block, k, n, device)
 
     @torch.no_grad()
-    def add_(self, seed: int, scales: Sequence[float]):
-        """θ_b += scales[b]·z_b(seed) in place: the update, one pass over each block."""
+    def add_(self, seed: int, scales: Sequence[float], targets: Sequence[torch.Tensor] | None = None):
+        """θ_b += scales[b]·z_b(seed) in place (or into ``targets[b]``, tensors shaped like
+        the blocks): the update, one pass over each block."""
         for b in self.blocks:
             s = scales[b.index]
             if s != 0.0:
-                flat = b.param.data.view(-1)
+                flat = (b.param.data if targets is None else targets[b.index]).view(-1)
                 for start, n, z in self.direction_chunks(seed, b):
                     flat[start : start + n].add_(z, alpha=s)
 

@@ -15,6 +15,9 @@ class SGDConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "λ; never applied to biases/norms"})
     schedule: str = field(default="constant", metadata={"help": "constant | linear (to 0)"})
     total_steps: int = field(default=0, metadata={"help": "horizon of the linear schedule"})
+    average: bool = field(default=False, metadata={
+        "help": "iterate averaging (KerZOO's code): gradients at x_t = y_t + (c_t − y_t)/β_t,"
+                " β_t = 1 + t/6; costs one copy of the trainable weights"})
     clip_norm: float = field(default=0.0, metadata={
         "help": "0: off; C > 0: scale each block's estimate ĝ_b by min(1, C/‖ĝ_b‖) (KerZOO's"
                 " code uses 4e5); costs one extra read of the step's directions"})
@@ -26,6 +29,8 @@ class SGDConfig:
             raise ZoftError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
             raise ZoftError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.average and self.weight_decay:
+            raise ZoftError("average and weight_decay cannot be combined")
         if self.clip_norm < 0:
             raise ZoftError(f"clip_norm must be >= 0, got {self.clip_norm}")
         if self.schedule == "linear" and self.total_steps < 1:
@@ -44,6 +49,10 @@ class SGD:
         if self.cfg.schedule == "linear":
             return self.cfg.lr * max(0.0, 1.0 - step / self.cfg.total_steps)
         return self.cfg.lr
+
+    def mix(self, step: int) -> float | None:
+        """1/β_t of iterate averaging (β_t = 1 + t/6), or None without averaging."""
+        return 1.0 / (1.0 + step / 6.0) if self.cfg.average else None
 
     def clip_factors(self, block_norms) -> list[float] | None:
         """Per-block multipliers min(1, C/‖ĝ_b‖), or None when clipping is off (``block_norms``

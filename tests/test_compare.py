@@ -1,0 +1,107 @@
+import json
+
+import pytest
+
+from zoft.cli import main
+from zoft.errors import ZoftError
+
+
+def fake_run(root, name, estimator, seed, accs, task="tweets", model="m"):
+    """A run directory as zoft finetune writes it, dev accuracy every 10 steps (2 fwd/step)."""
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"task": task, "model_id": model, "estimator": estimator,
+                                               "kernel_order": 4, "seed": seed}))
+    lines = []
+    for step in range(1, 21):
+        lines.append({"step": step, "train/loss": 1.0 / step, "forward_passes": 2 * step,
+                      "train_seconds": 0.5 * step})
+    for i, acc in enumerate(accs):
+        lines.append({"step": 10 * i, "dev/acc": acc, "forward_passes": 20 * i})
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    (d / "summary.json").write_text(json.dumps({"final_dev_acc": accs[-1], "best_dev_acc": max(accs),
+                                                "test_acc_after": accs[-1] - 0.01, "train_seconds": 10.0,
+                                                "peak_memory_mb": 900.0}))
+    return d
+
+
+def test_compare_draws_a_png_and_prints_the_table(tmp_path, capsys):
+    dirs = [fake_run(tmp_path, "a0", "spsa", 0, [0.5, 0.6, 0.7]), fake_run(tmp_path, "a1", "spsa", 1, [0.5, 0.62, 0.74]),
+            fake_run(tmp_path, "b0", "kernel", 0, [0.5, 0.75, 0.8]), fake_run(tmp_path, "b1", "kernel", 1, [0.5, 0.71, 0.76])]
+    out = tmp_path / "cmp.png"
+    assert main(["compare", *map(str, dirs), "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| tweets | spsa | 2 | 0.720 ± 0.028 | 0.720 ± 0.028 | 0.710 ± 0.028 | 40 | 10 | 900 |" in table
+    assert "| tweets | kernel4 | 2 | 0.780 ± 0.028 | 0.780 ± 0.028 | 0.770 ± 0.028 | 20 | 10 | 900 |" in table
+    assert "| tweets | target | | 0.720 |" in table
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert main(["compare", *map(str, dirs), "--metric", "train_loss", "--x", "seconds", "--out", str(out)]) == 0
+
+
+def test_compare_refuses_mixed_tasks_and_models(tmp_path, capsys):
+    a = fake_run(tmp_path, "a", "spsa", 0, [0.5, 0.6])
+    b = fake_run(tmp_path, "b", "spsa", 0, [0.5, 0.7], task="sst2")
+    c = fake_run(tmp_path, "c", "spsa", 0, [0.5, 0.7], model="other")
+    assert main(["compare", str(a), str(b)]) == 2
+    assert "pass --facet task" in capsys.readouterr().err
+    assert main(["compare", str(a), str(b), "--facet", "task", "--out", str(tmp_path / "f.png")]) == 0
+    assert "| sst2 | spsa |" in capsys.readouterr().out
+    assert main(["compare", str(a), str(c)]) == 2
+    assert "different models" in capsys.readouterr().err
+    (a / "summary.json").unlink()
+    assert main(["compare", str(a)]) == 2
+    assert "not a complete run directory (missing summary.json)" in capsys.readouterr().err
+    assert main(["compare", str(b), "--x", "tokens"]) == 2
+
+
+def test_grid_resumes_after_a_kill_without_rerunning_finished_runs(tmp_path, tiny_model_dir, monkeypatch):
+    import zoft.finetune
+    from zoft.grid import run_grid
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"""
+output_dir: {tmp_path / "out"}
+base: {{model: "{tiny_model_dir}", steps: 2, eval_every: 1, num_train: 16, num_dev: 8, num_test: 8, batch_size: 4}}
+grid:
+  method: [{{estimator: spsa, lr: 1.0e-3}}, {{estimator: kernel, lr: 1.0e-4}}]
+  seed: [0, 1]
+name: "{{estimator}}-s{{seed}}"
+compare: {{out: cmp.png}}
+""")
+    real, calls = zoft.finetune.run, []
+
+    def killed_on_third(cfg):
+        calls.append(cfg.run_name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(cfg)
+
+    monkeypatch.setattr(zoft.finetune, "run", killed_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(grid, log=lambda m: None)
+    done = {p.name for p in (tmp_path / "out").iterdir()}
+    assert done == {"spsa-s0", "spsa-s1"}
+    stamp = (tmp_path / "out" / "spsa-s0" / "summary.json").stat().st_mtime_ns
+    calls.clear()
+    table = run_grid(grid, log=lambda m: None)
+    assert calls == ["kernel-s0", "kernel-s1"]
+    assert (tmp_path / "out" / "spsa-s0" / "summary.json").stat().st_mtime_ns == stamp
+    assert "| tweets | spsa | 2 |" in table and "| tweets | kernel4 | 2 |" in table
+    assert (tmp_path / "out" / "cmp.png").is_file() and (tmp_path / "out" / "table.md").is_file()
+
+
+def test_grid_errors(tmp_path):
+    from zoft.grid import run_grid
+
+    bad = tmp_path / "g.yaml"
+    for text, msg in [("grid: {lr: [1]}", "needs a mapping with 'output_dir' and 'grid'"),
+                      (f"output_dir: {tmp_path}\ngrid: {{lr: []}}", "grid.lr must be a non-empty list"),
+                      (f"output_dir: {tmp_path}\ngrid: {{lrr: [1]}}", "unknown finetune settings ['lrr']"),
+                      (f"output_dir: {tmp_path}\ngrid: {{lr: [0.0]}}", "lr must be > 0"),
+                      (f"output_dir: {tmp_path}\ngird: {{}}\ngrid: {{lr: [1]}}", "unknown keys ['gird']"),
+                      ("a: [", "is not valid YAML")]:
+        bad.write_text(text)
+        with pytest.raises(ZoftError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+            run_grid(bad)
+    with pytest.raises(ZoftError, match="grid file not found"):
+        run_grid(tmp_path / "none.yaml")

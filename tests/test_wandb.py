@@ -1,0 +1,66 @@
+"""A W&B offline run, read back from the run's own .wandb log (no login, no network)."""
+
+import struct
+
+import pytest
+
+from zoft.cli import main
+
+pytest.importorskip("wandb")
+
+
+def read_wandb_records(path):
+    """The protobuf records of a .wandb file: a 7-byte header (':W&B', magic, version), then the
+    LevelDB log format in 32 KiB blocks (record header: crc32, length, type full/first/mid/last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, records, pending = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        room = block - pos % block
+        if room < 7:
+            pos += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pos += 7
+        if kind == 0:  # zero padding up to the block's end
+            pos += room - 7
+            continue
+        pending += data[pos : pos + length]
+        pos += length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def _key(item):
+    return item.key or "/".join(item.nested_key)  # keys with '/' are stored as nested keys
+
+
+def test_offline_run_holds_config_metrics_and_summary(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    code = main(["finetune", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path), "--run-name", "w",
+                 "--num-train", "16", "--num-dev", "8", "--num-test", "8", "--batch-size", "4", "--steps", "3",
+                 "--eval-every", "1", "--estimator", "kernel", "--report-to", "wandb"])
+    assert code == 0
+    (log,) = (tmp_path / "w" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = read_wandb_records(log)
+    by_type = {}
+    for r in records:
+        by_type.setdefault(r.WhichOneof("record_type"), []).append(r)
+    (run,) = by_type["run"]
+    assert (run.run.project, run.run.job_type) == ("zoft", "kernel")
+    assert run.run.run_group == f"{tiny_model_dir.name}/tweets"
+    assert {"kernel", "isotropic", "full", "table"} <= set(run.run.tags)
+    config = {_key(item) for item in run.run.config.update}
+    assert {"lr", "eps", "estimator", "kernel_order", "seed", "versions", "trainable_params"} <= config
+    logged = {_key(item) for r in by_type["history"] for item in r.history.item}
+    assert {"train/loss", "train/loss_minus", "train/proj_grad", "lr", "forward_passes", "train_seconds",
+            "peak_memory_mb", "dev/acc", "dev/loss", "test/acc"} <= logged
+    summary = {_key(item) for r in by_type["summary"] for item in r.summary.update}
+    assert {"test_acc_before", "test_acc_after", "best_dev_acc", "final_dev_acc"} <= summary

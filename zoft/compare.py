@@ -1,0 +1,166 @@
+"""``zoft compare``: runs side by side, from their run directories alone.
+
+Runs are grouped by (task, method); the runs of a group are seeds. Each group draws its mean
+curve with a min–max band; the table gives final and best dev accuracy, test accuracy, forward
+passes to reach a target (by default the baseline's final dev accuracy), time and peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zoft.errors import ZoftError
+
+X_AXES = ("forward_passes", "steps", "seconds")
+METRICS = ("dev_acc", "train_loss")
+
+
+def method_label(config: dict) -> str:
+    label = config.get("estimator", "spsa")
+    if label == "kernel":
+        label += f"{config.get('kernel_order', 4)}" + ("/block" if config.get("r_mode") == "block" else "")
+    if config.get("average"):
+        label += "+avg"
+    if config.get("clip_norm"):
+        label += "+clip"
+    if config.get("noise", "table") != "table":
+        label += f" ({config['noise']})"
+    return label
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    summary: dict
+    train: list[dict] = field(default_factory=list)  # per-step lines
+    dev: list[dict] = field(default_factory=list)  # evaluation lines
+
+    @property
+    def method(self) -> str:
+        return method_label(self.config)
+
+
+def load_run(path: Path) -> Run:
+    files = {name: path / name for name in ("config.json", "metrics.jsonl", "summary.json")}
+    missing = [n for n, f in files.items() if not f.is_file()]
+    if missing:
+        raise ZoftError(f"{path} is not a complete run directory (missing {', '.join(missing)})")
+    try:
+        lines = [json.loads(x) for x in files["metrics.jsonl"].read_text().splitlines() if x.strip()]
+        run = Run(path, json.loads(files["config.json"].read_text()), json.loads(files["summary.json"].read_text()))
+    except json.JSONDecodeError as e:
+        raise ZoftError(f"{path}: corrupt run file ({e})") from None
+    run.train = [x for x in lines if "train/loss" in x]
+    run.dev = [x for x in lines if "dev/acc" in x]
+    return run
+
+
+def curve(run: Run, x: str, metric: str) -> tuple[list[float], list[float]]:
+    seconds = {t["step"]: t["train_seconds"] for t in run.train}
+    seconds[0] = 0.0
+    if metric == "dev_acc":
+        points = [(p["step"], p.get("forward_passes", 0), p["dev/acc"]) for p in run.dev]
+    else:  # train loss, smoothed over a window of 10 steps
+        losses = [t["train/loss"] for t in run.train]
+        smooth = [statistics.mean(losses[max(0, i - 9) : i + 1]) for i in range(len(losses))]
+        points = [(t["step"], t["forward_passes"], v) for t, v in zip(run.train, smooth)]
+    xs = {"steps": [p[0] for p in points], "forward_passes": [p[1] for p in points],
+          "seconds": [seconds.get(p[0], 0.0) for p in points]}[x]
+    return xs, [p[2] for p in points]
+
+
+def group_runs(runs: list[Run], facet: str | None) -> dict[str, dict[str, list[Run]]]:
+    """{task: {method: runs}}; several tasks only with facet 'task', one model always."""
+    models = {r.config.get("model_id", r.config.get("model")) for r in runs}
+    if len(models) > 1:
+        raise ZoftError(f"runs of different models cannot be compared: {sorted(models)}")
+    tasks = sorted({r.config["task"] for r in runs})
+    if len(tasks) > 1 and facet != "task":
+        raise ZoftError(f"runs of different tasks ({', '.join(tasks)}); pass --facet task for one panel per task")
+    groups: dict[str, dict[str, list[Run]]] = {}
+    for r in runs:
+        groups.setdefault(r.config["task"], {}).setdefault(r.method, []).append(r)
+    return groups
+
+
+def _mean_curve(runs: list[Run], x: str, metric: str):
+    curves = [curve(r, x, metric) for r in runs]
+    n = min(len(c[1]) for c in curves)
+    xs = [statistics.mean(c[0][i] for c in curves) for i in range(n)]
+    ys = [[c[1][i] for c in curves] for i in range(n)]
+    return xs, [statistics.mean(v) for v in ys], [min(v) for v in ys], [max(v) for v in ys]
+
+
+def _reach(xs, ys, target):
+    return next((x for x, y in zip(xs, ys) if y >= target - 1e-12), None)
+
+
+def table(groups, baseline: str | None, target: float | None) -> str:
+    rows = ["| task | method | runs | final dev acc | best dev acc | test acc | fwd passes to target | "
+            "train s | peak MB |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def ms(values):
+        return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+
+    for task, methods in groups.items():
+        base = baseline if baseline in methods else ("spsa" if "spsa" in methods else None)
+        goal = target
+        if goal is None and base is not None:
+            goal = statistics.mean(r.summary["final_dev_acc"] for r in methods[base])
+        for name, runs in methods.items():
+            xs, mean, _, _ = _mean_curve(runs, "forward_passes", "dev_acc")
+            reach = None if goal is None else _reach(xs, mean, goal)
+            rows.append(
+                f"| {task} | {name} | {len(runs)} | {ms([r.summary['final_dev_acc'] for r in runs])} | "
+                f"{ms([r.summary['best_dev_acc'] for r in runs])} | {ms([r.summary['test_acc_after'] for r in runs])} | "
+                f"{'–' if goal is None else ('not reached' if reach is None else f'{reach:.0f}')} | "
+                f"{statistics.mean(r.summary['train_seconds'] for r in runs):.0f} | "
+                f"{max(r.summary['peak_memory_mb'] for r in runs):.0f} |")
+        if goal is not None:
+            rows.append(f"| {task} | target | | {goal:.3f} | | | | | |")
+    return "\n".join(rows)
+
+
+def plot(groups, x: str, metric: str, out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
+    for ax, (task, methods) in zip(axes[0], groups.items()):
+        for name, runs in sorted(methods.items()):
+            xs, mean, lo, hi = _mean_curve(runs, x, metric)
+            line, = ax.plot(xs, mean, label=f"{name} ({len(runs)} runs)")
+            if len(runs) > 1:
+                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+        ax.set(title=task, xlabel=x.replace("_", " "), ylabel=metric.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(out)  # never a half-written picture
+    plt.close(fig)
+
+
+def compare(run_dirs, x="forward_passes", metric="dev_acc", out=None, facet=None, baseline=None,
+            target=None) -> str:
+    if x not in X_AXES:
+        raise ZoftError(f"--x must be one of {', '.join(X_AXES)}, got {x!r}")
+    if metric not in METRICS:
+        raise ZoftError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if not run_dirs:
+        raise ZoftError("no run directories given")
+    for d in run_dirs:
+        if not Path(d).is_dir():
+            raise ZoftError(f"run directory not found: {d}")
+    groups = group_runs([load_run(Path(d)) for d in run_dirs], facet)
+    if out is not None:
+        plot(groups, x, metric, Path(out))
+    return table(groups, baseline, target)

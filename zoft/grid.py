@@ -1,0 +1,112 @@
+"""``zoft grid GRID.yaml``: the cartesian product of listed values, run one after another.
+
+    output_dir: runs/tweets-grid
+    base: {task: tweets, steps: 100, eval_every: 25}
+    grid:
+      method:                       # a value may be a mapping: merged into the run's config
+        - {estimator: spsa, lr: 3.0e-5}
+        - {estimator: kernel, lr: 1.0e-5, eps: 1.0e-2}
+      seed: [0, 1, 2]
+    name: "{task}-{estimator}-lr{lr:g}-s{seed}"   # optional; default: the grid values
+    compare: {x: forward_passes, metric: dev_acc, out: comparison.png}
+
+Every run's config is checked before the first run starts. A run whose directory holds a
+summary is complete and skipped, so a killed grid resumes where it stopped; then the runs are
+compared (``table.md`` and the plot in ``output_dir``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shutil
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from zoft.errors import ZoftError
+
+GRID_KEYS = {"output_dir", "base", "grid", "name", "compare"}
+
+
+def _read(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise ZoftError(f"grid file not found: {path}")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ZoftError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("grid"), dict) or "output_dir" not in spec:
+        raise ZoftError(f"{path}: needs a mapping with 'output_dir' and 'grid'")
+    unknown = set(spec) - GRID_KEYS
+    if unknown:
+        raise ZoftError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(GRID_KEYS)}")
+    for key, values in spec["grid"].items():
+        if not isinstance(values, list) or not values:
+            raise ZoftError(f"{path}: grid.{key} must be a non-empty list")
+    return spec
+
+
+def expand(spec: dict) -> list[tuple[str, dict]]:
+    """(run name, finetune config fields) for every point of the grid, in YAML order."""
+    keys = list(spec["grid"])
+    runs = []
+    for values in itertools.product(*(spec["grid"][k] for k in keys)):
+        config = dict(spec.get("base") or {})
+        for key, value in zip(keys, values):
+            config.update(value if isinstance(value, dict) else {key: value})
+        if "name" in spec:
+            try:
+                name = spec["name"].format(**config)
+            except (KeyError, ValueError) as e:
+                raise ZoftError(f"grid name template {spec['name']!r}: {e}") from None
+        else:
+            name = "_".join(f"{k}-{v}" for k, v in config.items() if k in keys or any(
+                isinstance(x, dict) and k in x for x in spec["grid"].values()))
+        runs.append((re.sub(r"[^A-Za-z0-9._=-]+", "-", name), config))
+    names = [n for n, _ in runs]
+    if len(set(names)) != len(names):
+        raise ZoftError("two grid points get the same run name; add the varying keys to 'name'")
+    return runs
+
+
+def run_grid(path, log=print) -> str:
+    from zoft.compare import compare
+    from zoft.finetune import FinetuneConfig, run
+    from zoft.optimizer import make_parts
+
+    path = Path(path)
+    spec = _read(path)
+    out = Path(spec["output_dir"])
+    known = {f.name for f in fields(FinetuneConfig)} - {"output_dir", "run_name"}
+    configs = []
+    for name, config in expand(spec):
+        unknown = set(config) - known
+        if unknown:
+            raise ZoftError(f"{path}: unknown finetune settings {sorted(unknown)}")
+        cfg = FinetuneConfig(**config, output_dir=str(out), run_name=name)
+        make_parts(**cfg.method())
+        configs.append(cfg)
+    for i, cfg in enumerate(configs, 1):
+        run_dir = out / cfg.run_name
+        if (run_dir / "summary.json").is_file():
+            log(f"[{i}/{len(configs)}] {cfg.run_name}: complete, skipped")
+            continue
+        if run_dir.exists():  # a directory without a summary is not ours to reuse
+            raise ZoftError(f"{run_dir} exists but is not a complete run; remove it to rerun")
+        for stale in out.glob(f".{cfg.run_name}.*"):  # left by a run that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        log(f"[{i}/{len(configs)}] {cfg.run_name}")
+        run(cfg)
+    opts = dict(spec.get("compare") or {})
+    if "out" in opts:
+        opts["out"] = out / opts["out"]
+    result = compare([out / c.run_name for c in configs], facet=opts.pop("facet", "task"), **opts)
+    (out / "table.md").write_text(result + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    print(run_grid(sys.argv[1]))
