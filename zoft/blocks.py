@@ -24,6 +24,7 @@ class Block:
     no_decay: bool
     row_len: int  # elements per row (last dimension; the whole tensor for 1-D)
     chunk_len: int  # elements per chunk, a multiple of row_len when row_len <= MAX_CHUNK
+    is_embedding: bool = False  # a lookup table: a step reads only the rows its batch holds
 
     @property
     def numel(self) -> int:
@@ -46,6 +47,7 @@ def _is_norm(module: nn.Module) -> bool:
 def collect_blocks(model: nn.Module, max_chunk: int = MAX_CHUNK) -> list[Block]:
     """Trainable tensors in ``named_parameters`` order; biases and norm weights are not decayed."""
     no_decay: set[int] = set()
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for module in model.modules():
         for pname, p in module.named_parameters(recurse=False):
             if _is_norm(module) or pname == "bias" or pname.endswith("_bias"):
@@ -58,7 +60,7 @@ def collect_blocks(model: nn.Module, max_chunk: int = MAX_CHUNK) -> list[Block]:
             raise ValueError(f"parameter {name} is not contiguous; zoft perturbs flat views")
         row_len = p.shape[-1] if p.dim() >= 2 else p.numel()
         chunk_len = row_len * max(1, max_chunk // row_len) if row_len <= max_chunk else max_chunk
-        blocks.append(Block(len(blocks), name, p, id(p) in no_decay, row_len, chunk_len))
+        blocks.append(Block(len(blocks), name, p, id(p) in no_decay, row_len, chunk_len, id(p) in embeddings))
     if not blocks:
         raise ValueError("the model has no trainable parameters")
     return blocks

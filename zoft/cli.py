@@ -29,6 +29,7 @@ _HELP = {
     "shrink_steps": "kernel estimator: 0 keeps the radius; T shrinks it linearly by 1/T per step",
     "clip_norm": "0: off; C: scale each block's estimate to norm <= C (KerZOO's code: 4e5); one extra read pass",
     "average": "iterate averaging as in KerZOO's code (β_t = 1 + t/6); costs a copy of the trainable weights",
+    "tuner": "learned perturbation tuner: none, auto (the shipped tuner made for this model) or a path",
     "noise": "table: fixed Gaussian table at seeded offsets (fast); gaussian: regenerated N(0,1) as in MeZO",
     "schedule": "constant or linear (to 0 at the last step)",
     "data_seed": "seed of the train/dev/test sampling (kept apart from --seed)",

@@ -22,6 +22,8 @@ def method_label(config: dict) -> str:
     label = config.get("estimator", "spsa")
     if label == "kernel":
         label += f"{config.get('kernel_order', 4)}" + ("/block" if config.get("r_mode") == "block" else "")
+    if config.get("perturbation", "isotropic") != "isotropic":
+        label = f"tuner+{label}"
     if config.get("average"):
         label += "+avg"
     if config.get("clip_norm"):

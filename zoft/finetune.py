@@ -30,6 +30,7 @@ from zoft.noise import NOISE_SOURCES
 from zoft.optimizer import build_optimizer, make_parts
 from zoft.scoring import classification_loss, evaluate
 from zoft.tasks import get_task, sample_splits
+from zoft.tuner import read_tuner
 
 
 @dataclass
@@ -55,6 +56,7 @@ class FinetuneConfig:
     clip_norm: float = 0.0
     average: bool = False
     noise: str = "table"
+    tuner: str = "none"
     seed: int = 0
     data_seed: int = 0
     eval_every: int = 100
@@ -91,14 +93,15 @@ class FinetuneConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ZoftError("device cuda asked for, but no CUDA device is available")
 
-    def method(self) -> dict:
+    def method(self, tuner_path: str | None = None) -> dict:
         estimator = {"name": self.estimator, "eps": self.eps}
         if self.estimator == "kernel":
             estimator.update(order=self.kernel_order, r_mode=self.r_mode, radius=self.radius,
                              shrink_steps=self.shrink_steps)
         return {
             "estimator": estimator,
-            "perturbation": {"name": "isotropic"},
+            "perturbation": {"name": "learned", "path": tuner_path, "batch_size": self.batch_size}
+            if tuner_path else {"name": "isotropic"},
             "update": {"name": "sgd", "lr": self.lr, "weight_decay": self.weight_decay,
                        "schedule": self.schedule, "total_steps": self.steps, "clip_norm": self.clip_norm,
                        "average": self.average},
@@ -109,6 +112,21 @@ def _peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _resolve_tuner(choice: str, model) -> str | None:
+    """none: isotropic; auto: the shipped tuner made for this model, if any; else a path."""
+    if choice == "none":
+        return None
+    if choice != "auto":
+        return choice
+    from zoft.blocks import collect_blocks
+    from zoft.tuner import find_shipped
+
+    found = find_shipped(collect_blocks(model))
+    print(f"tuner: {found.parent.name}" if found else "tuner: none shipped for this model; isotropic",
+          file=sys.stderr)
+    return str(found) if found else None
 
 
 def _restore_step(opt, cfg, upto: int) -> bool:
@@ -142,8 +160,9 @@ def _save_trajectory(path: Path, opt, cfg):
 
 def run(cfg: FinetuneConfig) -> dict:
     task = get_task(cfg.task)
-    method = cfg.method()
-    make_parts(**method)  # every hyperparameter is checked before anything is loaded
+    make_parts(**cfg.method())  # every hyperparameter is checked before anything is loaded
+    if cfg.tuner not in ("none", "auto"):
+        read_tuner(cfg.tuner)  # a missing or corrupt tuner fails before the model loads
     splits = sample_splits(task, cfg.data_dir, cfg.num_train, cfg.num_dev, cfg.num_test, cfg.data_seed)
     name = cfg.run_name or f"{cfg.task}-{cfg.estimator}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.output_dir) / name
@@ -154,14 +173,16 @@ def run(cfg: FinetuneConfig) -> dict:
     cand = candidate_token_ids(task, tokenizer).to(device)
     pad = tokenizer.pad_token_id
     train, dev, test = (encode(task, s, tokenizer, cfg.max_length) for s in (splits.train, splits.dev, splits.test))
-    opt = build_optimizer(model, **method, noise=cfg.noise, num_directions=cfg.directions,
+    tuner_path = _resolve_tuner(cfg.tuner, model)
+    opt = build_optimizer(model, **cfg.method(tuner_path), noise=cfg.noise, num_directions=cfg.directions,
                           seed=cfg.seed, record=True)
 
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=run_dir.parent))
     loggers = []
     try:
-        config = {**asdict(cfg), "model_id": model_id(cfg.model), "device": device,
+        config = {**asdict(cfg), "model_id": model_id(cfg.model), "device": device, "tuner_path": tuner_path,
+                  "perturbation": opt.perturbation.name,
                   "num_blocks": len(opt.blocks), "trainable_params": sum(b.numel for b in opt.blocks),
                   "split_sizes": {"train": len(train), "dev": len(dev), "test": len(test)},
                   "versions": {"zoft": zoft.__version__, "torch": torch.__version__,
@@ -171,7 +192,8 @@ def run(cfg: FinetuneConfig) -> dict:
         loggers.append(JsonlLogger(tmp / "metrics.jsonl"))
         if cfg.report_to == "wandb":
             loggers.append(WandbLogger(tmp, config, cfg.wandb_project, name, group=f"{Path(cfg.model).name}/{cfg.task}",
-                                       job_type=cfg.estimator, tags=[cfg.estimator, "isotropic", cfg.mode, cfg.noise]))
+                                       job_type=cfg.estimator,
+                                       tags=[cfg.estimator, opt.perturbation.name, cfg.mode, cfg.noise]))
 
         def log(metrics, step):
             for lg in loggers:

@@ -109,7 +109,9 @@ class ZOOptimizer:
             grad *= torch.tensor(clip, dtype=torch.float64)
         scales = -lr * grad
         applied = AppliedStep(seeds, scales, None if decay is None else torch.tensor(decay, dtype=torch.float64), mix)
-        self._apply(applied, self._anchor)
+        stats = self._apply(applied, self._anchor, with_stats=self.perturbation.needs_block_stats)
+        if stats is not None:
+            state = self.perturbation.observe(state, stats)
         if self.history is not None:
             self.history.append(applied)
         loss_plus, loss_minus = sum(values[0::2]) / n, sum(values[1::2]) / n
@@ -140,19 +142,21 @@ class ZOOptimizer:
             for b, c in zip(self.blocks, anchor):
                 b.param.data.lerp_(c, mix)
 
-    def _apply(self, applied: AppliedStep, anchor: list[torch.Tensor] | None = None):
+    def _apply(self, applied: AppliedStep, anchor: list[torch.Tensor] | None = None, with_stats=False):
         """θ ← decay·θ, then θ += scales[i]·z(seeds[i]) for each direction, one pass each.
-        With averaging (KerZOO): c ← c − ηĝ and y ← x_t − (η/β_t)ĝ."""
+        With averaging (KerZOO): c ← c − ηĝ and y ← x_t − (η/β_t)ĝ. With ``with_stats``, the
+        last pass also returns each block's [mean, var] (see Perturber.add_)."""
         if applied.decay is not None:
             for b, keep in zip(self.blocks, applied.decay.tolist()):
                 if keep != 1.0:
                     b.param.data.mul_(keep)
-        for seed, row in zip(applied.seeds, applied.scales.tolist()):
-            if applied.mix is None:
-                self.perturber.add_(seed, row)
-            else:
+        stats, last = None, len(applied.seeds) - 1
+        for i, (seed, row) in enumerate(zip(applied.seeds, applied.scales.tolist())):
+            if applied.mix is not None:
                 self.perturber.add_(seed, row, targets=anchor)
-                self.perturber.add_(seed, [x * applied.mix for x in row])
+                row = [x * applied.mix for x in row]
+            stats = self.perturber.add_(seed, row, with_stats=with_stats and i == last)
+        return stats
 
     def _check_reach(self, scales):
         """Warn once about trainable tensors the closure's forward never reads."""

@@ -30,6 +30,15 @@ def perturbed_rows(weight: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
     return _active.perturb_rows(weight, row_ids, rows)
 
 
+def _merge_moments(parts: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Per-chunk [mean, population var] → the tensor's [mean, unbiased var] (Chan et al.)."""
+    n = torch.tensor(counts, dtype=torch.float64, device=parts.device)
+    mean_k, var_k = parts[:, 0].double(), parts[:, 1].double()
+    mean = (n * mean_k).sum() / n.sum()
+    m2 = (n * var_k + n * (mean_k - mean) ** 2).sum()
+    return torch.stack([mean, m2 / (n.sum() - 1).clamp(min=1)]).float()
+
+
 def _gathers_rows(module: nn.Module) -> bool:
     # Only a plain lookup can be perturbed after the gather (max_norm would rewrite the weight).
     return type(module).forward is nn.Embedding.forward and module.max_norm is None
@@ -88,15 +97,26 @@ class Perturber:
             yield start, n, self.noise.chunk(seed, block, k, n, device)
 
     @torch.no_grad()
-    def add_(self, seed: int, scales: Sequence[float], targets: Sequence[torch.Tensor] | None = None):
+    def add_(self, seed: int, scales: Sequence[float], targets: Sequence[torch.Tensor] | None = None,
+             with_stats: bool = False) -> torch.Tensor | None:
         """θ_b += scales[b]·z_b(seed) in place (or into ``targets[b]``, tensors shaped like
-        the blocks): the update, one pass over each block."""
+        the blocks): the update, one pass over each block. With ``with_stats``, also returns each
+        block's [mean, unbiased var] after the update, [n, 2], from the chunks while they are
+        still in cache: no extra pass over the weights."""
+        stats = []
         for b in self.blocks:
             s = scales[b.index]
-            if s != 0.0:
-                flat = (b.param.data if targets is None else targets[b.index]).view(-1)
-                for start, n, z in self.direction_chunks(seed, b):
-                    flat[start : start + n].add_(z, alpha=s)
+            flat = (b.param.data if targets is None else targets[b.index]).view(-1)
+            parts = []
+            for start, n, z in self.direction_chunks(seed, b) if s != 0.0 or with_stats else ():
+                chunk = flat[start : start + n]
+                if s != 0.0:
+                    chunk.add_(z, alpha=s)
+                if with_stats:
+                    parts.append(torch.stack(torch.var_mean(chunk.float(), correction=0)[::-1]))
+            if with_stats:
+                stats.append(_merge_moments(torch.stack(parts), [n for _, _, n in b.chunks()]))
+        return torch.stack(stats) if with_stats else None
 
     @torch.no_grad()
     def combination_norms(self, seeds: Sequence[int], coefs: torch.Tensor) -> list[float]:

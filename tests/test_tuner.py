@@ -1,0 +1,112 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import zoft
+from zoft.blocks import collect_blocks
+from zoft.errors import ZoftError
+from zoft.perturbations import LearnedScale, LearnedScaleConfig
+from zoft.tuner import BlockMLPs, fingerprint, load_tuner, read_tuner, save_tuner
+from tests.conftest import tiny_llama
+
+
+def test_batched_network_equals_per_block_reference_mlps():
+    net = BlockMLPs(7, seed=3)
+    x = torch.randn(7, 5)
+    expected = []
+    for b in range(7):
+        mlp = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 1))
+        with torch.no_grad():
+            mlp[0].weight.copy_(net.w1[b]), mlp[0].bias.copy_(net.b1[b])
+            mlp[2].weight.copy_(net.w2[b]), mlp[2].bias.copy_(net.b2[b])
+        expected.append(mlp(x[b]).abs())
+    torch.testing.assert_close(net(x), torch.cat(expected), rtol=1e-6, atol=1e-7)
+    assert sum(p.numel() for p in net.parameters()) == 7 * 449  # 449 parameters per block
+
+
+def test_save_load_exact_and_fingerprint_checks(tmp_path):
+    model = tiny_llama()
+    blocks = collect_blocks(model)
+    net = BlockMLPs(len(blocks), seed=1)
+    path = tmp_path / "t" / "tuner.safetensors"
+    save_tuner(path, net, blocks, {"base_model": "tiny-llama", "meta_train": {"steps": 3}})
+    loaded, meta = load_tuner(path.parent, blocks)
+    assert all(torch.equal(getattr(net, k), getattr(loaded, k)) for k in ("w1", "b1", "w2", "b2"))
+    assert meta["fingerprint"] == fingerprint(blocks) and json.loads(meta["meta_train"]) == {"steps": 3}
+    assert json.loads(meta["features"]) == ["mean", "var", "loss_plus_prev", "loss_minus_prev", "sigma_prev"]
+    # a derivative checkpoint (same names and shapes, other values) loads
+    load_tuner(path, collect_blocks(tiny_llama(seed=9)))
+    # another architecture names its first differing block
+    other = collect_blocks(tiny_llama(vocab=80))
+    with pytest.raises(ZoftError, match=r"made for tiny-llama: block 0 is model.embed_tokens.weight \[64, 16\] there, "
+                                        r"model.embed_tokens.weight \[80, 16\] in this model"):
+        load_tuner(path, other)
+    with pytest.raises(ZoftError, match="it has 20 blocks, this model 19"):
+        load_tuner(path, collect_blocks(tiny_llama(tied=True))[:-1])
+
+
+def test_truncated_corrupt_and_missing_files(tmp_path):
+    blocks = collect_blocks(tiny_llama())
+    path = tmp_path / "tuner.safetensors"
+    save_tuner(path, BlockMLPs(len(blocks)), blocks, {})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ZoftError, match="not a readable tuner"):
+        read_tuner(path)
+    path.write_bytes(b"\x00" * 64)
+    with pytest.raises(ZoftError, match="not a readable tuner"):
+        read_tuner(path)
+    with pytest.raises(ZoftError, match="tuner file not found"):
+        read_tuner(tmp_path / "nope.safetensors")
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left nothing behind
+
+
+def test_learned_scale_normalises_energy_and_tracks_stats_through_the_update():
+    model = tiny_llama()
+    blocks = collect_blocks(model)
+    learned = LearnedScale(LearnedScaleConfig(dim_rule="numel"), net=BlockMLPs(len(blocks), seed=2))
+    opt = zoft.ZOOptimizer(model, zoft.estimators.TwoPoint(zoft.estimators.SPSAConfig(eps=1e-2)), learned,
+                           zoft.updates.SGD(zoft.updates.SGDConfig(lr=1e-2)))
+    sigma, _ = learned.scales(blocks, opt.state, prev_losses=None)
+    dims = torch.tensor([b.numel for b in blocks], dtype=torch.float64)
+    assert (dims * torch.tensor(sigma, dtype=torch.float64) ** 2).sum().item() == pytest.approx(dims.sum().item(), rel=1e-9)
+    assert len(set(sigma)) > 1
+    ids = torch.randint(1, 64, (2, 6))
+    opt.step(lambda: model(ids, labels=ids).loss)
+    stats = torch.stack([torch.stack([b.param.mean(), b.param.var()]) for b in blocks]).detach()
+    torch.testing.assert_close(opt.state.stats, stats, rtol=1e-5, atol=1e-7)
+    assert opt.prev_losses is not None and not torch.equal(opt.state.sigma_prev, torch.ones(len(blocks)))
+
+
+def test_reference_dim_rule_counts_embedding_rows():
+    blocks = collect_blocks(tiny_llama())
+    learned = LearnedScale(LearnedScaleConfig(batch_size=4, tokens_per_example=15), net=BlockMLPs(len(blocks)))
+    learned.init(blocks)
+    assert learned.dims[0].item() == 16 * 15 * 4 and blocks[0].is_embedding
+    assert learned.dims[1].item() == blocks[1].numel
+
+
+def test_finetune_with_a_tuner_file_and_its_errors(tmp_path, tiny_model_dir, capsys):
+    from zoft.cli import main
+    from zoft.models import load_model
+
+    model, _ = load_model(str(tiny_model_dir))
+    blocks = collect_blocks(model)
+    good = tmp_path / "good" / "tuner.safetensors"
+    save_tuner(good, BlockMLPs(len(blocks)), blocks, {"base_model": "tiny"})
+    args = ["finetune", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "runs"), "--steps", "2",
+            "--num-train", "16", "--num-dev", "8", "--num-test", "8", "--batch-size", "4"]
+    assert main([*args, "--tuner", str(good.parent), "--estimator", "kernel", "--run-name", "t"]) == 0
+    config = json.loads((tmp_path / "runs" / "t" / "config.json").read_text())
+    assert config["perturbation"] == "learned" and config["tuner_path"] == str(good.parent)
+    foreign = tmp_path / "foreign.safetensors"
+    other = collect_blocks(tiny_llama(vocab=80))
+    save_tuner(foreign, BlockMLPs(len(other)), other, {"base_model": "bigger-vocab"})
+    for tuner, message in [(foreign, "was made for bigger-vocab: block 0"), (tmp_path / "none", "tuner file not found")]:
+        assert main([*args, "--tuner", str(tuner)]) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["t"]
+    assert main([*args, "--tuner", "auto", "--run-name", "a"]) == 0
+    assert "tuner: none shipped for this model; isotropic" in capsys.readouterr().err

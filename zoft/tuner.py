@@ -1,0 +1,138 @@
+"""The learned perturbation tuner (ZO Fine-tuner, arXiv 2510.00419): its network and artifact.
+
+One small MLP per block, 5 → 64 → tanh → 1 → |·|, maps the block's features
+[mean(θ_b), var(θ_b), L⁺_{t−1}, L⁻_{t−1}, σ_{b,t−1}] to its perturbation scale σ_b. All blocks
+are evaluated at once as batched matrix products over stacked weights w1 [n,64,5], b1 [n,64],
+w2 [n,1,64], b2 [n,1]: one call per step, not n module calls.
+
+The artifact is one safetensors file whose header metadata is the source of truth: format,
+ordered block names and shapes (their hash is the fingerprint checked at load time), feature
+order, hidden size, the effective-dimension rule, base model, estimator and meta-training config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zoft.errors import ZoftError
+
+FORMAT = "zoft-tuner-1"
+FEATURES = ("mean", "var", "loss_plus_prev", "loss_minus_prev", "sigma_prev")
+HIDDEN = 64
+TENSORS = ("w1", "b1", "w2", "b2")
+
+
+class BlockMLPs(nn.Module):
+    """n independent MLPs (no weight sharing), evaluated together."""
+
+    def __init__(self, num_blocks: int, hidden: int = HIDDEN, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        features = len(FEATURES)
+
+        def uniform(*shape, fan_in):  # nn.Linear's default initialisation, per block
+            bound = 1 / fan_in**0.5
+            return nn.Parameter((torch.rand(*shape, generator=gen) * 2 - 1) * bound)
+
+        self.w1 = uniform(num_blocks, hidden, features, fan_in=features)
+        self.b1 = uniform(num_blocks, hidden, fan_in=features)
+        self.w2 = uniform(num_blocks, 1, hidden, fan_in=hidden)
+        self.b2 = uniform(num_blocks, 1, fan_in=hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, 5] → σ [n]."""
+        h = torch.tanh(torch.einsum("nhf,nf->nh", self.w1, x) + self.b1)
+        return (torch.einsum("noh,nh->no", self.w2, h) + self.b2).abs().squeeze(-1)
+
+
+def fingerprint(blocks) -> str:
+    layout = [[b.name, list(b.param.shape)] for b in blocks]
+    return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
+
+
+def save_tuner(path, net: BlockMLPs, blocks, meta: dict):
+    """Write the artifact atomically (a temporary file renamed into place)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {
+        "format": FORMAT,
+        "blocks": json.dumps([[b.name, list(b.param.shape)] for b in blocks]),
+        "fingerprint": fingerprint(blocks),
+        "features": json.dumps(FEATURES),
+        "hidden": str(net.w1.shape[1]),
+        **{k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()},
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: getattr(net, k).detach().float().contiguous() for k in TENSORS}, str(tmp), metadata=header)
+    tmp.replace(path)
+
+
+def read_tuner(path) -> tuple[dict, dict]:
+    """(tensors, metadata) of an artifact; a missing, truncated or foreign file is a ZoftError."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tuner.safetensors"
+    if not path.is_file():
+        raise ZoftError(f"tuner file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ZoftError(f"{path} is not a readable tuner (truncated or corrupt?): {e}") from None
+    if meta.get("format") != FORMAT or set(tensors) != set(TENSORS):
+        raise ZoftError(f"{path} is not a zoft tuner (format {meta.get('format')!r}, tensors {sorted(tensors)})")
+    return tensors, meta
+
+
+def check_fits(meta: dict, blocks, path="tuner"):
+    """The tuner must have been made for these blocks: same names and shapes, in order."""
+    if meta.get("fingerprint") == fingerprint(blocks):
+        return
+    theirs = json.loads(meta["blocks"])
+    ours = [[b.name, list(b.param.shape)] for b in blocks]
+    base = meta.get("base_model", "another model")
+    for i, (t, o) in enumerate(zip(theirs, ours)):
+        if t != o:
+            raise ZoftError(f"{path} was made for {base}: block {i} is {t[0]} {t[1]} there, "
+                            f"{o[0]} {o[1]} in this model")
+    raise ZoftError(f"{path} was made for {base}: it has {len(theirs)} blocks, this model {len(ours)}")
+
+
+def load_tuner(path, blocks) -> tuple[BlockMLPs, dict]:
+    tensors, meta = read_tuner(path)
+    check_fits(meta, blocks, path)
+    net = BlockMLPs(len(blocks), hidden=tensors["w1"].shape[1])
+    with torch.no_grad():
+        for k in TENSORS:
+            if getattr(net, k).shape != tensors[k].shape:
+                raise ZoftError(f"{path}: tensor {k} has shape {list(tensors[k].shape)}, "
+                                f"expected {list(getattr(net, k).shape)}")
+            getattr(net, k).copy_(tensors[k])
+    return net, meta
+
+
+def shipped_tuners() -> list[Path]:
+    root = Path(__file__).resolve().parents[1] / "pretrained_tuners"
+    return sorted(root.glob("*/tuner.safetensors"))
+
+
+def find_shipped(blocks) -> Path | None:
+    """The shipped tuner whose fingerprint matches these blocks, if any."""
+    want = fingerprint(blocks)
+    for path in shipped_tuners():
+        try:
+            if read_tuner(path)[1].get("fingerprint") == want:
+                return path
+        except ZoftError:
+            continue
+    return None
