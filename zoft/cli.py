@@ -39,14 +39,17 @@ _HELP = {
 }
 
 
-def _add_config_flags(parser, config_cls):
+def add_config_flags(parser, config_cls, help_texts=None):
+    """One flag per field of a config dataclass (bools become switches)."""
+    help_texts = {**_HELP, **(help_texts or {})}
     for f in fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", help=_HELP.get(f.name))
+            parser.add_argument(flag, action="store_true", help=help_texts.get(f.name))
             continue
         kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-        parser.add_argument(flag, type=kind, default=f.default, help=_HELP.get(f.name, f"default {f.default}"))
+        text = help_texts.get(f.name) or f.metadata.get("help") or f"default {f.default}"
+        parser.add_argument(flag, type=kind, default=f.default, help=text)
 
 
 def build_parser():
@@ -57,7 +60,8 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"zoft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ft = sub.add_parser("finetune", help="fine-tune with forward passes only (MeZO's protocol)")
-    _add_config_flags(ft, FinetuneConfig)
+    add_config_flags(ft, FinetuneConfig)
+    ft.set_defaults(handler=_finetune)
     cmp = sub.add_parser("compare", help="compare run directories: plot and markdown table")
     cmp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     cmp.add_argument("--x", default="forward_passes", help="forward_passes | steps | seconds")
@@ -66,9 +70,50 @@ def build_parser():
     cmp.add_argument("--facet", choices=["task"], help="one panel per task (runs of several tasks)")
     cmp.add_argument("--baseline", help="method whose final dev accuracy is the target (default spsa)")
     cmp.add_argument("--target", type=float, help="dev accuracy target for 'forward passes to target'")
+    cmp.set_defaults(handler=_compare)
     grid = sub.add_parser("grid", help="run the cartesian product of a grid file, then compare")
     grid.add_argument("grid_file", metavar="GRID.yaml")
+    grid.set_defaults(handler=_grid)
+    # Other packages add commands through this entry-point group (meta_train adds meta-train),
+    # so zoft never imports them by name.
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="zoft.commands"):
+        ep.load()(sub)
     return parser
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _compare(args):
+    from zoft.compare import compare
+
+    print(compare(args.run_dirs, args.x, args.metric, args.out, args.facet, args.baseline, args.target))
+
+
+def _grid(args):
+    from zoft.grid import run_grid
+
+    _quiet_transformers()
+    print(run_grid(args.grid_file, log=lambda m: print(m, file=sys.stderr)))
+
+
+def _finetune(args):
+    from zoft.finetune import FinetuneConfig, run
+
+    _quiet_transformers()
+    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "handler")})
+    s = run(cfg)
+    print(f"run: {s['run_dir']}")
+    print(f"test accuracy: before {s['test_acc_before']:.4f}  after {s['test_acc_after']:.4f}"
+          f"  (model at step {s['selected_step']}, best dev {s['best_dev_acc']:.4f})")
+    print(f"{s['steps']} steps, {s['forward_passes']} forward passes, {s['s_per_step']:.2f} s/step,"
+          f" peak memory {s['peak_memory_mb']:.0f} MB")
 
 
 def main(argv=None) -> int:
@@ -76,30 +121,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "compare":
-            from zoft.compare import compare
-
-            print(compare(args.run_dirs, args.x, args.metric, args.out, args.facet, args.baseline, args.target))
-            return 0
-        if args.command == "grid":
-            from zoft.grid import run_grid
-
-            print(run_grid(args.grid_file, log=lambda m: print(m, file=sys.stderr)))
-            return 0
-        if args.command == "finetune":
-            from transformers.utils import logging as hf_logging
-
-            from zoft.finetune import FinetuneConfig, run
-
-            hf_logging.disable_progress_bar()
-            hf_logging.set_verbosity_error()
-            cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k != "command"})
-            s = run(cfg)
-            print(f"run: {s['run_dir']}")
-            print(f"test accuracy: before {s['test_acc_before']:.4f}  after {s['test_acc_after']:.4f}"
-                  f"  (model at step {s['selected_step']}, best dev {s['best_dev_acc']:.4f})")
-            print(f"{s['steps']} steps, {s['forward_passes']} forward passes, {s['s_per_step']:.2f} s/step,"
-                  f" peak memory {s['peak_memory_mb']:.0f} MB")
+        args.handler(args)
     except ZoftError as e:
         print(f"zoft: error: {e}", file=sys.stderr)
         return 2

@@ -58,6 +58,7 @@ class ZOOptimizer:
         self.estimator, self.perturbation, self.update = estimator, perturbation, update
         self.noise = make_noise(noise) if isinstance(noise, str) else noise
         self.blocks = collect_blocks(model)
+        self.model = model
         self.perturber = Perturber(model, self.blocks, self.noise)
         self.num_directions, self.seed = num_directions, seed
         self.step_count = 0

@@ -1,0 +1,54 @@
+"""The outer step: a one-step look-ahead meta-gradient for the learned perturbation scales.
+
+At θ, with the step's seed and the tuner's scales σ (differentiable) and normaliser c (not):
+    L± = L(θ ± ε r_b c σ_b z_b)                        (no gradient, the engine's hooks)
+    θ′_b = θ_b − η_u · k_b · c σ_b · z_b               (k_b: the estimator's coefficient)
+    meta-loss = L(θ′)                                   (autograd through σ only)
+so ∂meta-loss/∂σ_b = −η_u k_b c ⟨∇_b L(θ′), z_b⟩: each block's network learns from its own
+block (a hypergradient on the step size along a random direction). θ′ is built with
+``torch.func.functional_call``: the model itself is never copied or written.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+
+class _LossOf(nn.Module):
+    """Wraps (model, loss function) so functional_call can swap the model's parameters."""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+def direction(opt, seed: int, block) -> torch.Tensor:
+    return torch.cat([z for _, _, z in opt.perturber.direction_chunks(seed, block)]).view_as(block.param)
+
+
+def lookahead_loss(opt, loss_fn, batch, seed: int, state, prev_losses, lr_update: float, step: int = 0):
+    """(meta-loss with a graph to the tuner, L⁺, L⁻, raw σ, effective scales cσ) at the model's
+    weights.
+
+    ``opt`` is a ZOOptimizer whose perturbation is a LearnedScale: its estimator, noise and
+    hooks are the ones fine-tuning will use, so the tuner fits the estimator it serves."""
+    est, learned, blocks = opt.estimator, opt.perturbation, opt.blocks
+    sigma = learned.sigma(state, prev_losses)  # differentiable
+    scale = learned.normaliser(sigma).float() * sigma  # c detached: no gradient through it
+    radii = est.radii(seed, len(blocks), step)
+    plus = (est.eps * torch.tensor(radii, device=scale.device) * scale.detach()).tolist()
+    losses = []
+    for sign in (1, -1):
+        with opt.perturber.active(seed, [sign * x for x in plus]), torch.inference_mode():
+            losses.append(float(loss_fn(opt.model, batch)))
+    coef = torch.tensor(est.coefficients(losses[0], losses[1], radii, step),
+                        dtype=scale.dtype, device=scale.device)
+    step = -lr_update * coef * scale  # [n], the look-ahead's per-block step along z_b
+    moved = {f"model.{b.name}": b.param.detach() + step[b.index] * direction(opt, seed, b) for b in blocks}
+    meta_loss = functional_call(_LossOf(opt.model, loss_fn), moved, (batch,), strict=False)
+    return meta_loss, losses[0], losses[1], sigma.detach(), scale.detach()

@@ -1,0 +1,201 @@
+"""``zoft meta-train``: learn a base model's perturbation tuner (ZO Fine-tuner, arXiv 2510.00419).
+
+One first-order trajectory of the LLM (SGD, momentum 0.8, LR decaying linearly to 0 over each
+restart period, gradients clipped at 1.0), reset to the initial weights every ``restart_every``
+steps; at every step, before the first-order step, the tuner takes one SGD step on the
+one-step look-ahead meta-gradient of ``outer.lookahead_loss`` at the same batch. Tasks take
+turns (round-robin), each keeping its own σ_prev and loss history.
+
+Checkpoints are taken at restart boundaries, where the LLM is back at its initial weights: the
+tuner, the per-task state and the data positions are then the whole state, so resuming never
+needs a parameter-sized snapshot. The artifact is rewritten at every checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import zoft
+from zoft.data import Batches, candidate_token_ids, encode
+from zoft.errors import ZoftError
+from zoft.models import DEFAULT_MODEL, load_model, model_id
+from zoft.optimizer import ZOOptimizer, make_parts
+from zoft.perturbations import LearnedScale, LearnedScaleConfig, LearnedState
+from zoft.rng import derive
+from zoft.scoring import classification_loss
+from zoft.tasks import get_task, sample_splits
+from zoft.tuner import BlockMLPs, read_tuner, save_tuner
+
+from meta_train.outer import lookahead_loss
+
+
+@dataclass
+class MetaTrainConfig:
+    output: str = field(default="", metadata={"help": "tuner folder (tuner.safetensors, README.md, checkpoint)"})
+    model: str = DEFAULT_MODEL
+    tasks: str = field(default="sst2", metadata={"help": "comma-separated tasks, taken round-robin"})
+    data_dir: str | None = None
+    steps: int = 600
+    restart_every: int = 100
+    batch_size: int = 8
+    num_train: int = 1000
+    eps: float = 1e-3
+    estimator: str = "spsa"
+    kernel_order: int = 4
+    lr_update: float = 1e-6
+    lr_tuner: float = 1e-3
+    lr_llm: float = 1e-5
+    momentum: float = 0.8
+    clip: float = 1.0
+    dim_rule: str = "reference"
+    max_length: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.output:
+            raise ZoftError("meta-train needs --output (the tuner folder)")
+        for name in ("steps", "restart_every", "batch_size", "num_train"):
+            if getattr(self, name) < 1:
+                raise ZoftError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("eps", "lr_update", "lr_tuner", "lr_llm", "clip"):
+            if not getattr(self, name) > 0:
+                raise ZoftError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.momentum < 1:
+            raise ZoftError(f"momentum must be in [0, 1), got {self.momentum}")
+
+    def estimator_spec(self) -> dict:
+        spec = {"name": self.estimator, "eps": self.eps}
+        return {**spec, "order": self.kernel_order} if self.estimator == "kernel" else spec
+
+
+def _block_stats(blocks) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.stack([torch.stack([b.param.float().mean(), b.param.float().var()]) for b in blocks])
+
+
+def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
+    out = Path(cfg.output)
+    estimator, _, _ = make_parts(cfg.estimator_spec(), {"name": "isotropic"}, {"name": "sgd"})
+    tasks = [get_task(t.strip()) for t in cfg.tasks.split(",") if t.strip()]
+    model, tokenizer = load_model(cfg.model)
+    pad = tokenizer.pad_token_id
+    streams, candidates = {}, {}
+    for i, task in enumerate(tasks):
+        splits = sample_splits(task, cfg.data_dir, cfg.num_train, 1, 1, cfg.seed)
+        streams[task.name] = Batches(encode(task, splits.train, tokenizer, cfg.max_length), cfg.batch_size,
+                                     derive(cfg.seed, i), pad)
+        candidates[task.name] = candidate_token_ids(task, tokenizer)
+
+    blocks_opt = ZOOptimizer(model, estimator, zoft.perturbations.Isotropic(), zoft.updates.SGD(zoft.updates.SGDConfig()))
+    blocks = blocks_opt.blocks
+    learned = LearnedScale(LearnedScaleConfig(dim_rule=cfg.dim_rule, batch_size=cfg.batch_size),
+                           net=BlockMLPs(len(blocks), seed=cfg.seed))
+    blocks_opt.perturbation = learned
+    learned.init(blocks)
+    tuner_opt = torch.optim.SGD(learned.net.parameters(), lr=cfg.lr_tuner)
+    initial = [b.param.detach().cpu().clone() for b in blocks]  # θ₀, restored at each restart
+    sigma_prev = {t.name: torch.ones(len(blocks)) for t in tasks}
+    prev_losses: dict[str, tuple[float, float] | None] = {t.name: None for t in tasks}
+    start, curve = _resume(out, cfg, learned.net, streams, sigma_prev, prev_losses)
+    log_file = open(out / "meta_train.jsonl", "a", encoding="utf-8")
+
+    def fresh_llm_optimizer():
+        llm_opt = torch.optim.SGD([b.param for b in blocks], lr=cfg.lr_llm, momentum=cfg.momentum)
+        decay = torch.optim.lr_scheduler.LambdaLR(llm_opt, lambda k: max(0.0, 1 - k / cfg.restart_every))
+        return llm_opt, decay
+
+    llm_opt, decay = fresh_llm_optimizer()
+    started = time.perf_counter()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="meta-train", file=sys.stderr)
+    for step in bar:
+        if step % cfg.restart_every == 0:
+            with torch.no_grad():
+                for b, p0 in zip(blocks, initial):
+                    b.param.copy_(p0)
+            llm_opt, decay = fresh_llm_optimizer()
+            if step > start:
+                _checkpoint(out, cfg, learned.net, blocks, streams, sigma_prev, prev_losses, step, curve)
+        task = tasks[step % len(tasks)]
+        batch = next(streams[task.name])
+
+        def loss_fn(m, b, cand=candidates[task.name]):
+            return classification_loss(m, b, cand)
+
+        model.eval()
+        state = LearnedState(sigma_prev[task.name], _block_stats(blocks))
+        meta, lp, lm, sigma, scale = lookahead_loss(blocks_opt, loss_fn, batch, derive(cfg.seed, step), state,
+                                             prev_losses[task.name], cfg.lr_update, step)
+        tuner_opt.zero_grad(set_to_none=True)
+        meta.backward()
+        tuner_opt.step()
+        sigma_prev[task.name] = sigma
+        prev_losses[task.name] = (lp, lm)
+
+        model.train()
+        llm_opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([b.param for b in blocks], cfg.clip)
+        llm_opt.step()
+        decay.step()
+        model.eval()
+        for b in blocks:
+            b.param.grad = None
+        record = {"step": step + 1, "task": task.name, "meta_loss": meta.item(), "loss_plus": lp,
+                  "loss_minus": lm, "fo_loss": loss.item(), "sigma_min": scale.min().item(),
+                  "sigma_max": scale.max().item(), "seconds": time.perf_counter() - started}
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+        curve.append([step + 1, record["meta_loss"]])
+        bar.set_postfix(meta=f"{record['meta_loss']:.3f}", fo=f"{record['fo_loss']:.3f}")
+        if log:
+            log(record)
+    log_file.close()
+    _checkpoint(out, cfg, learned.net, blocks, streams, sigma_prev, prev_losses, cfg.steps, curve)
+    return out / "tuner.safetensors"
+
+
+def _checkpoint(out: Path, cfg, net, blocks, streams, sigma_prev, prev_losses, step: int, curve):
+    """The artifact (usable as is) plus what resuming needs; both written atomically."""
+    meta = {"base_model": model_id(cfg.model), "estimator": cfg.estimator_spec(), "dim_rule": cfg.dim_rule,
+            "tokens_per_example": 15, "batch_size": cfg.batch_size, "zoft_version": zoft.__version__,
+            "meta_train": asdict(cfg), "meta_train_step": step}
+    save_tuner(out / "tuner.safetensors", net, blocks, meta)
+    tensors = {f"sigma_prev/{k}": v.contiguous() for k, v in sigma_prev.items()}
+    state = {"step": step, "prev_losses": prev_losses, "curve": curve,
+             "data": {k: [s.epoch, s.position] for k, s in streams.items()}}
+    tmp = out / ".checkpoint.tmp"
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(state), "config": json.dumps(asdict(cfg))})
+    tmp.replace(out / "checkpoint.safetensors")
+
+
+def _resume(out: Path, cfg, net, streams, sigma_prev, prev_losses) -> tuple[int, list]:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "checkpoint.safetensors"
+    if not path.is_file():
+        return 0, []
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        state, saved_cfg = json.loads(f.metadata()["state"]), json.loads(f.metadata()["config"])
+    if {k: v for k, v in saved_cfg.items() if k != "steps"} != {k: v for k, v in asdict(cfg).items() if k != "steps"}:
+        raise ZoftError(f"{out} holds a meta-training run with other settings; use another --output")
+    tensors, _ = read_tuner(out / "tuner.safetensors")
+    with torch.no_grad():
+        for k in ("w1", "b1", "w2", "b2"):
+            getattr(net, k).copy_(tensors[k])
+    for k, v in load_file(str(path)).items():
+        sigma_prev[k.split("/", 1)[1]] = v
+    prev_losses.update({k: None if v is None else tuple(v) for k, v in state["prev_losses"].items()})
+    for k, (epoch, position) in state["data"].items():
+        streams[k].epoch, streams[k].position = epoch, position
+        streams[k]._order = streams[k]._shuffle()
+    return state["step"], state["curve"]

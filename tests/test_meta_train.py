@@ -1,0 +1,94 @@
+import pytest
+import torch
+from torch.func import functional_call
+
+import zoft
+from zoft.blocks import collect_blocks
+from zoft.perturbations import LearnedScale, LearnedScaleConfig
+from zoft.tuner import BlockMLPs
+from tests.conftest import tiny_llama
+
+IDS = torch.randint(1, 64, (3, 7), generator=torch.Generator().manual_seed(4))
+
+
+def lm_loss(model, batch):
+    return model(batch, labels=batch).loss
+
+
+def tuner_optimizer(estimator=None, seed=0):
+    model = tiny_llama()
+    net = BlockMLPs(len(collect_blocks(model)), seed=seed)
+    with torch.no_grad():  # σ_b = |b2_b|: the meta-gradient on b2 is then readable in closed form
+        net.w2.zero_()
+        net.b2.copy_(torch.linspace(-1.5, 2.0, net.b2.shape[0])[:, None])
+    learned = LearnedScale(LearnedScaleConfig(dim_rule="numel"), net=net)
+    estimator = estimator or {"name": "spsa", "eps": 1e-2}
+    opt = zoft.ZOOptimizer(model, *zoft.optimizer.make_parts(estimator, {"name": "isotropic"}, {"name": "sgd"}))
+    opt.perturbation = learned
+    opt.state = learned.init(opt.blocks)
+    return opt, net
+
+
+@pytest.mark.parametrize("estimator", [{"name": "spsa", "eps": 1e-2}, {"name": "kernel", "eps": 1e-2, "r_mode": "block"}])
+def test_meta_gradient_matches_its_closed_form_and_reaches_only_the_tuner(estimator):
+    from meta_train.outer import direction, lookahead_loss
+
+    opt, net = tuner_optimizer(estimator)
+    lr_update, seed = 0.5, 123
+    meta, lp, lm, raw, scale = lookahead_loss(opt, lm_loss, IDS, seed, opt.state, None, lr_update)
+    meta.backward()
+    assert all(p.grad is None for p in opt.model.parameters())
+    assert net.b2.grad is not None and net.b2.grad.abs().sum() > 0
+
+    # closed form: d meta / d σ_b = c · (−η_u k_b ⟨∇_b L(θ′), z_b⟩), σ_b = |b2_b|
+    blocks = opt.blocks
+    sigma = net.b2.detach().abs().squeeze(-1)
+    c = opt.perturbation.normaliser(sigma).float()
+    radii = opt.estimator.radii(seed, len(blocks), 0)
+    k = torch.tensor(opt.estimator.coefficients(lp, lm, radii, 0))
+    z = {b.name: direction(opt, seed, b) for b in blocks}
+    moved = {b.name: (b.param.detach() - lr_update * k[b.index] * c * sigma[b.index] * z[b.name]).requires_grad_()
+             for b in blocks}
+    loss = functional_call(opt.model, moved, (IDS,), {"labels": IDS}, strict=False).loss
+    grads = torch.autograd.grad(loss, list(moved.values()))
+    expected = torch.stack([c * (-lr_update * k[b.index] * (g * z[b.name]).sum()) for b, g in zip(blocks, grads)])
+    expected = expected * torch.sign(net.b2.detach().squeeze(-1))
+    torch.testing.assert_close(net.b2.grad.squeeze(-1), expected, rtol=1e-3, atol=1e-9)
+    torch.testing.assert_close(scale, c * sigma)
+    torch.testing.assert_close(raw, sigma)
+
+
+def test_meta_training_changes_the_tuner_writes_a_loadable_artifact_and_resumes(tmp_path, tiny_model_dir):
+    from meta_train.train import MetaTrainConfig, meta_train
+    from zoft.models import load_model
+    from zoft.tuner import load_tuner, read_tuner
+
+    base = dict(output=str(tmp_path / "tuner"), model=str(tiny_model_dir), tasks="tweets", restart_every=2,
+                batch_size=4, num_train=16, lr_update=1e-2, lr_tuner=1.0)
+    records = []
+    path = meta_train(MetaTrainConfig(**base, steps=2), log=records.append)
+    first, meta = read_tuner(path)
+    assert [r["step"] for r in records] == [1, 2] and meta["meta_train_step"] == "2"
+    initial = BlockMLPs(first["w1"].shape[0], seed=0)
+    assert not torch.equal(first["b2"], initial.b2.detach())  # the tuner moved
+    model, _ = load_model(str(tiny_model_dir))
+    load_tuner(path, collect_blocks(model))  # loadable for the model it was made for
+    meta_train(MetaTrainConfig(**base, steps=4), log=records.append)  # resumes at step 2
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    lines = (tmp_path / "tuner" / "meta_train.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    with pytest.raises(zoft.ZoftError, match="other settings"):
+        meta_train(MetaTrainConfig(**{**base, "lr_tuner": 0.5}, steps=6))
+
+
+def test_zoft_never_imports_meta_train():
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(zoft.__file__).parent
+    assert not [p for p in root.rglob("*.py") if "meta_train" in p.read_text().replace("meta_train/", "")
+                and ("import meta_train" in p.read_text() or "from meta_train" in p.read_text())]
+    code = ("import sys, zoft, zoft.cli, zoft.finetune, zoft.grid, zoft.compare, zoft.tuner;"
+            "assert not [m for m in sys.modules if m.startswith('meta_train')]")
+    subprocess.run([sys.executable, "-c", code], check=True)
