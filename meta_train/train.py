@@ -32,7 +32,7 @@ from zoft.perturbations import LearnedScale, LearnedScaleConfig, LearnedState
 from zoft.rng import derive
 from zoft.scoring import classification_loss
 from zoft.tasks import get_task, sample_splits
-from zoft.tuner import BlockMLPs, read_tuner, save_tuner
+from zoft.tuner import BlockMLPs, read_tuner, save_tuner, summarise_scales
 
 from meta_train.outer import lookahead_loss
 
@@ -58,6 +58,8 @@ class MetaTrainConfig:
     dim_rule: str = "reference"
     max_length: int = 256
     seed: int = 0
+    report_to: str = field(default="none", metadata={"help": "none or wandb (offline unless a key is set)"})
+    wandb_project: str = "zoft"
 
     def __post_init__(self):
         if not self.output:
@@ -68,6 +70,8 @@ class MetaTrainConfig:
         for name in ("eps", "lr_update", "lr_tuner", "lr_llm", "clip"):
             if not getattr(self, name) > 0:
                 raise ZoftError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.report_to not in ("none", "wandb"):
+            raise ZoftError(f"report-to must be none or wandb, got {self.report_to!r}")
         if not 0 <= self.momentum < 1:
             raise ZoftError(f"momentum must be in [0, 1), got {self.momentum}")
 
@@ -106,6 +110,13 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
     prev_losses: dict[str, tuple[float, float] | None] = {t.name: None for t in tasks}
     start, curve = _resume(out, cfg, learned.net, streams, sigma_prev, prev_losses)
     log_file = open(out / "meta_train.jsonl", "a", encoding="utf-8")
+    wandb_run = None
+    if cfg.report_to == "wandb":
+        from zoft.logging import WandbLogger
+
+        wandb_run = WandbLogger(out, asdict(cfg), cfg.wandb_project, f"meta-train-{out.name}",
+                                group=f"{Path(cfg.model).name}/meta-train", job_type="meta-train",
+                                tags=["meta-train", cfg.estimator, *cfg.tasks.split(",")])
 
     def fresh_llm_optimizer():
         llm_opt = torch.optim.SGD([b.param for b in blocks], lr=cfg.lr_llm, momentum=cfg.momentum)
@@ -158,9 +169,58 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
         bar.set_postfix(meta=f"{record['meta_loss']:.3f}", fo=f"{record['fo_loss']:.3f}")
         if log:
             log(record)
+        if wandb_run:
+            wandb_run.log({**{k: v for k, v in record.items() if k not in ("step", "task")},
+                           **summarise_scales(blocks, scale.tolist())}, step + 1)
     log_file.close()
     _checkpoint(out, cfg, learned.net, blocks, streams, sigma_prev, prev_losses, cfg.steps, curve)
+    _write_card(out, cfg, len(blocks))
+    if wandb_run:
+        wandb_run.artifact(out, f"tuner-{out.name}", "zoft-tuner",
+                           {"base_model": model_id(cfg.model), "steps": cfg.steps, "tasks": cfg.tasks})
+        wandb_run.close()
     return out / "tuner.safetensors"
+
+
+def _write_card(out: Path, cfg: MetaTrainConfig, num_blocks: int):
+    """README.md beside the tuner: what it is for, how it was made, its meta-loss curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(x) for x in (out / "meta_train.jsonl").read_text().splitlines() if x.strip()]
+    window = max(1, len(records) // 20)
+    smooth = [sum(r["meta_loss"] for r in records[max(0, i - window + 1) : i + 1]) / len(records[max(0, i - window + 1) : i + 1])
+              for i in range(len(records))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in records], smooth)
+    ax.set(xlabel="meta-training step", ylabel=f"look-ahead loss (mean of {window})", title=out.name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "meta_train_curve.png", dpi=110)
+    plt.close(fig)
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
+                     if v not in (None, "") and k not in ("report_to", "wandb_project"))
+    hours = records[-1]["seconds"] / 3600 if records else 0.0
+    (out / "README.md").write_text(f"""# Perturbation tuner: {out.name}
+
+Base model: {model_id(cfg.model)} ({num_blocks} blocks). Meta-trained for the `{cfg.estimator}`
+estimator on: {cfg.tasks}. Use it with `zoft finetune --tuner {out}` (or `--tuner auto`).
+
+Made with:
+
+    zoft meta-train {flags}
+
+{cfg.steps} steps, restart every {cfg.restart_every}; the last session's wall time was
+{hours:.2f} h (the steps of a resumed run are counted from its start).
+
+![meta-training curve](meta_train_curve.png)
+
+Look-ahead loss, first and last {window} steps: {smooth[window - 1] if records else float('nan'):.4f} →
+{smooth[-1] if records else float('nan'):.4f}. Evaluation on tasks not used here: see the
+repository's `bench/convergence.py`.
+""")
 
 
 def _checkpoint(out: Path, cfg, net, blocks, streams, sigma_prev, prev_losses, step: int, curve):

@@ -77,6 +77,9 @@ def test_meta_training_changes_the_tuner_writes_a_loadable_artifact_and_resumes(
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     lines = (tmp_path / "tuner" / "meta_train.jsonl").read_text().splitlines()
     assert len(lines) == 4
+    card = (tmp_path / "tuner" / "README.md").read_text()
+    assert "zoft meta-train --output" in card and "--steps 4" in card
+    assert (tmp_path / "tuner" / "meta_train_curve.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(zoft.ZoftError, match="other settings"):
         meta_train(MetaTrainConfig(**{**base, "lr_tuner": 0.5}, steps=6))
 

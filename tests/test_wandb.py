@@ -64,3 +64,29 @@ def test_offline_run_holds_config_metrics_and_summary(tmp_path, tiny_model_dir, 
             "peak_memory_mb", "dev/acc", "dev/loss", "test/acc"} <= logged
     summary = {_key(item) for r in by_type["summary"] for item in r.summary.update}
     assert {"test_acc_before", "test_acc_after", "best_dev_acc", "final_dev_acc"} <= summary
+
+
+def test_tuner_scales_and_meta_trained_artifact_reach_wandb(tmp_path, tiny_model_dir, monkeypatch):
+    from meta_train.train import MetaTrainConfig, meta_train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    out = tmp_path / "tuner"
+    meta_train(MetaTrainConfig(output=str(out), model=str(tiny_model_dir), tasks="tweets", steps=2, restart_every=2,
+                               batch_size=4, num_train=16, report_to="wandb"))
+    (log,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    records = read_wandb_records(log)
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert "artifact" in kinds
+    (artifact,) = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    assert artifact.type == "zoft-tuner" and "tuner.safetensors" in {e.path for e in artifact.manifest.contents}
+    logged = {_key(i) for r in records if r.WhichOneof("record_type") == "history" for i in r.history.item}
+    assert {"meta_loss", "fo_loss", "sigma/layer_00", "sigma/layer_01", "sigma/embed"} <= logged
+
+    code = main(["finetune", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "runs"), "--run-name", "t",
+                 "--num-train", "16", "--num-dev", "8", "--num-test", "8", "--batch-size", "4", "--steps", "2",
+                 "--eval-every", "1", "--tuner", str(out), "--report-to", "wandb"])
+    assert code == 0
+    (log,) = (tmp_path / "runs" / "t" / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = {_key(i) for r in read_wandb_records(log) if r.WhichOneof("record_type") == "history" for i in r.history.item}
+    assert {"sigma/layer_00", "sigma/layer_01", "sigma/embed", "sigma/other"} <= logged

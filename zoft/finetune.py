@@ -30,7 +30,7 @@ from zoft.noise import NOISE_SOURCES
 from zoft.optimizer import build_optimizer, make_parts
 from zoft.scoring import classification_loss, evaluate
 from zoft.tasks import get_task, sample_splits
-from zoft.tuner import read_tuner
+from zoft.tuner import read_tuner, summarise_scales
 
 
 @dataclass
@@ -223,7 +223,9 @@ def run(cfg: FinetuneConfig) -> dict:
                  "peak_memory_mb": _peak_memory_mb(device)}, step + 1)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 dev_eval = evaluate_on(dev)
-                log({"dev/acc": dev_eval["acc"], "dev/loss": dev_eval["loss"], "forward_passes": forward_passes}, step + 1)
+                tuner_scales = summarise_scales(opt.blocks, opt.last_scales) if tuner_path else {}
+                log({"dev/acc": dev_eval["acc"], "dev/loss": dev_eval["loss"], "forward_passes": forward_passes,
+                     **tuner_scales}, step + 1)
                 if dev_eval["acc"] > best_acc:
                     best_acc, best_step = dev_eval["acc"], step + 1
         bar.close()

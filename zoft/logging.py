@@ -51,5 +51,14 @@ class WandbLogger:
     def summary(self, summary: dict):
         self._run.summary.update(summary)
 
+    def artifact(self, path: Path, name: str, kind: str, metadata: dict):
+        import wandb
+
+        artifact = wandb.Artifact(name, type=kind, metadata=metadata)
+        for f in Path(path).iterdir():
+            if f.is_file() and not f.name.startswith("."):
+                artifact.add_file(str(f))
+        self._run.log_artifact(artifact)
+
     def close(self):
         self._run.finish()

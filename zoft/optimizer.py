@@ -118,6 +118,7 @@ class ZOOptimizer:
         loss_plus, loss_minus = sum(values[0::2]) / n, sum(values[1::2]) / n
         self.state, self.prev_losses = state, (loss_plus, loss_minus)
         self.step_count += 1
+        self.last_scales = sigma
         self.last = {
             "loss_plus": loss_plus,
             "loss_minus": loss_minus,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -119,6 +120,17 @@ def load_tuner(path, blocks) -> tuple[BlockMLPs, dict]:
                                 f"expected {list(getattr(net, k).shape)}")
             getattr(net, k).copy_(tensors[k])
     return net, meta
+
+
+def summarise_scales(blocks, scales) -> dict[str, float]:
+    """Mean effective scale per layer group ('sigma/layer_07', 'sigma/embed', 'sigma/other'):
+    how a tuner spreads the perturbation over depth, compact enough to log."""
+    groups: dict[str, list[float]] = {}
+    for b, s in zip(blocks, scales):
+        layer = re.search(r"layers?\.(\d+)\.", b.name)
+        key = f"layer_{int(layer.group(1)):02d}" if layer else ("embed" if b.is_embedding else "other")
+        groups.setdefault(f"sigma/{key}", []).append(float(s))
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
 def shipped_tuners() -> list[Path]:
