@@ -25,6 +25,8 @@ import torch
 import zoft
 from zoft.data import Batches, candidate_token_ids, encode
 from zoft.models import load_model
+from zoft.perturbations import LearnedScale, LearnedScaleConfig
+from zoft.tuner import BlockMLPs
 from zoft.scoring import classification_loss
 from zoft.tasks import get_task, sample_splits
 
@@ -73,29 +75,40 @@ def timings(rounds: int) -> dict:
     def closure():
         return classification_loss(model, batch, cand)
 
-    modes = {"table": zoft.mezo(model, noise="table"), "gaussian": zoft.mezo(model, noise="gaussian")}
-    for opt in modes.values():  # hooks of the other mode are idle while one steps
+    tuned = zoft.mezo(model, noise="table")  # a learned tuner: its cost does not depend on its weights
+    tuned.perturbation = LearnedScale(LearnedScaleConfig(), net=BlockMLPs(len(tuned.blocks)))
+    tuned.state = tuned.perturbation.init(tuned.blocks)
+    modes = {"table": zoft.mezo(model, noise="table"), "gaussian": zoft.mezo(model, noise="gaussian"),
+             "tuner": tuned}
+    for opt in modes.values():
         opt.step(closure)
+        opt.perturber.remove()  # each mode's hooks are installed only while it is timed
     mezo_reference_step(model, closure, seed=0)
-    times = {k: [] for k in ("forward", "table", "gaussian", "mezo_reference", "forward_grouped", "table_grouped")}
+
+    def timed_step(opt, loss):
+        opt.perturber.install(model)
+        t = time.perf_counter()
+        opt.step(loss)
+        elapsed = time.perf_counter() - t
+        opt.perturber.remove()
+        return elapsed
+
+    times = {k: [] for k in ("forward", "table", "gaussian", "tuner", "mezo_reference", "forward_grouped",
+                             "table_grouped")}
     for r in range(rounds):
         with torch.inference_mode():
             t = time.perf_counter()
             classification_loss(model, grouped_batch, cand)
             classification_loss(model, grouped_batch, cand)
             times["forward_grouped"].append((time.perf_counter() - t) / 2)
-        t = time.perf_counter()
-        modes["table"].step(lambda: classification_loss(model, grouped_batch, cand))
-        times["table_grouped"].append(time.perf_counter() - t)
+        times["table_grouped"].append(timed_step(modes["table"], lambda: classification_loss(model, grouped_batch, cand)))
         with torch.inference_mode():  # two forwards back to back, as inside a step
             t = time.perf_counter()
             closure()
             closure()
             times["forward"].append((time.perf_counter() - t) / 2)
         for name, opt in modes.items():
-            t = time.perf_counter()
-            opt.step(closure)
-            times[name].append(time.perf_counter() - t)
+            times[name].append(timed_step(opt, closure))
         t = time.perf_counter()
         mezo_reference_step(model, closure, seed=r + 1)
         times["mezo_reference"].append(time.perf_counter() - t)
@@ -109,6 +122,8 @@ def timings(rounds: int) -> dict:
         "step_over_2fwd_mezo_exact": med["gaussian"] / (2 * fwd),
         "step_s_mezo_reference": med["mezo_reference"],
         "step_over_2fwd_mezo_reference": med["mezo_reference"] / (2 * fwd),
+        "step_s_tuner": med["tuner"],
+        "tuner_overhead_frac": med["tuner"] / med["table"] - 1,
         "batch_tokens": tuple(batch["input_ids"].shape),
         "forward_s_grouped": med["forward_grouped"],
         "step_over_2fwd_grouped": med["table_grouped"] / (2 * med["forward_grouped"]),

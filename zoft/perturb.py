@@ -56,6 +56,11 @@ class Perturber:
         self.touched: set[int] = set()  # blocks the last active direction reached
         self._handles = []
         self._own: dict[int, list[tuple[nn.Parameter, Block]]] = {}  # module -> its blocks
+        self.install(model)
+
+    def install(self, model: nn.Module):
+        """Register the hooks (done at construction; again after ``remove``)."""
+        self.remove()
         for module in model.modules():
             own = [(p, self._block_of[id(p)]) for p in module.parameters(recurse=False) if id(p) in self._block_of]
             if not own:
