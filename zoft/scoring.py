@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoft.data import collate
 from zoft.perturb import perturbed_rows
 
 
@@ -37,8 +38,6 @@ def classification_loss(model, batch, candidate_ids) -> torch.Tensor:
 @torch.inference_mode()
 def evaluate(model, items, candidate_ids, pad_id: int, batch_size: int = 32, device="cpu") -> dict:
     """Accuracy and mean loss; batches are sorted by length so padding stays small."""
-    from zoft.data import collate
-
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
     correct, loss_sum = 0, 0.0
     for start in range(0, len(order), batch_size):
