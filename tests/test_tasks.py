@@ -42,7 +42,7 @@ def test_sst2_from_the_official_tsv_files():
 
 
 def test_task_errors(tmp_path):
-    with pytest.raises(ZoftError, match="unknown task 'imdb'; choose from sst2, tweets"):
+    with pytest.raises(ZoftError, match="unknown task 'imdb'; choose from boolq, cb, multirc, rte, sst2, tweets, wic, wsc"):
         get_task("imdb")
     with pytest.raises(ZoftError, match="data dir not found"):
         sample_splits(get_task("sst2"), str(tmp_path / "nope"), 10, 5, 5, 0)
@@ -52,3 +52,54 @@ def test_task_errors(tmp_path):
     (tmp_path / "dev.tsv").write_text("text\tgold\nfine\t1\n")
     with pytest.raises(ZoftError, match="is not a GLUE SST-2 file"):
         sample_splits(get_task("sst2"), str(tmp_path), 10, 5, 5, 0)
+
+
+def _first_val(task_name):
+    task = get_task(task_name)
+    return task, task.load(str(SHARED))[1][0]
+
+
+@pytest.mark.skipif(not (SHARED / "RTE").is_dir(), reason="needs ../shared/data")
+@pytest.mark.parametrize("name, prompt, words, label", [
+    ("rte", 'Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at age 44, according to '
+            'the Christopher Reeve Foundation.\nDoes this mean that "Christopher Reeve had an accident." is true? '
+            'Yes or No?\n', ("Yes", "No"), 1),
+    ("cb", "Suppose Valence the void-brain, Valence the virtuous valet. Why couldn't the figger choose his own "
+           'portion of titanic anatomy to shaft? Did he think he was helping? Can we infer that "Valence was '
+           'helping"? Yes, No, or Maybe?\n', ("Yes", "No", "Maybe"), 1),
+    ("wsc", "Bernard , who had not told the government official that he was less than 21 when he filed for a "
+            "homestead claim, did not consider that he had done anything dishonest. Still, anyone who knew that he "
+            "was 19 years old could take his claim away from him .\nIn the previous sentence, does the pronoun "
+            '"him" refer to anyone? Yes or No?\n', ("No", "Yes"), 0),
+    ("wic", 'Does the word "class" have the same meaning in these two sentences? Yes, No?\nAn emerging professional '
+            "class.\nApologizing for losing your temper, even though you were badly provoked, showed real class.\n",
+     ("No", "Yes"), 0),
+])
+def test_superglue_tasks_render_real_rows_exactly(name, prompt, words, label):
+    task, example = _first_val(name)
+    assert task.render(example) == prompt
+    assert task.label_words == words and example.label == label
+
+
+@pytest.mark.skipif(not (SHARED / "MultiRC").is_dir(), reason="needs ../shared/data")
+def test_multirc_expands_answers_and_boolq_refuses_the_missing_train_split():
+    task, example = _first_val("multirc")
+    assert task.render(example).endswith(
+        "\nQuestion: Would the mass of a baseball affect how much force you have to use to pick it up?\n"
+        'I found this answer "No". Is that correct? Yes or No?\n')
+    train, val = task.load(str(SHARED))
+    assert (len(train), len(val)) == (27243, 4848)  # answer options, as in the standard loader
+    with pytest.raises(ZoftError, match="BoolQ file not found: .*train.jsonl .*never trains on the validation split"):
+        get_task("boolq").load(str(SHARED))
+    from zoft.tasks import _boolq
+
+    row = {"question": "does ethanol take more energy make that produces", "passage": "P.", "label": False}
+    assert get_task("boolq").render(_boolq(row)[0]) == "P. Does ethanol take more energy make that produces?\n"
+
+
+def test_malformed_row_names_its_line(tmp_path):
+    (tmp_path / "RTE").mkdir()
+    (tmp_path / "RTE" / "train.jsonl").write_text('{"premise": "a", "hypothesis": "b", "label": "entailment"}\n{"premise": 1}\n')
+    (tmp_path / "RTE" / "val.jsonl").write_text("")
+    with pytest.raises(ZoftError, match=r"RTE/train.jsonl:2: not a RTE row \(KeyError"):
+        get_task("rte").load(str(tmp_path))

@@ -47,7 +47,8 @@ def add_config_flags(parser, config_cls, help_texts=None):
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action="store_true", help=help_texts.get(f.name))
             continue
-        kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+        type_name = f.type if isinstance(f.type, str) else f.type.__name__
+        kind = {"int": int, "float": float, "int | None": int}.get(type_name, str)
         text = help_texts.get(f.name) or f.metadata.get("help") or f"default {f.default}"
         parser.add_argument(flag, type=kind, default=f.default, help=text)
 

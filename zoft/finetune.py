@@ -13,7 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,7 +39,7 @@ class FinetuneConfig:
     task: str = "tweets"
     data_dir: str | None = None
     num_train: int = 1000
-    num_dev: int = 500
+    num_dev: int | None = field(default=None, metadata={"help": "default: the task's (500; 100 for CB)"})
     num_test: int = 1000
     steps: int = 1000
     batch_size: int = 16
@@ -75,7 +75,7 @@ class FinetuneConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ZoftError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.num_dev < 1 or self.num_test < 1:
+        if (self.num_dev is not None and self.num_dev < 1) or self.num_test < 1:
             raise ZoftError("num-dev and num-test must be >= 1")
         for name in ("lr", "eps"):
             if not getattr(self, name) > 0:
@@ -163,6 +163,8 @@ def run(cfg: FinetuneConfig) -> dict:
     make_parts(**cfg.method())  # every hyperparameter is checked before anything is loaded
     if cfg.tuner not in ("none", "auto"):
         read_tuner(cfg.tuner)  # a missing or corrupt tuner fails before the model loads
+    if cfg.num_dev is None:
+        cfg = replace(cfg, num_dev=task.num_dev)
     splits = sample_splits(task, cfg.data_dir, cfg.num_train, cfg.num_dev, cfg.num_test, cfg.data_seed)
     name = cfg.run_name or f"{cfg.task}-{cfg.estimator}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.output_dir) / name

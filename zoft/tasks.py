@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
+import json
 import random
 import re
 import warnings
@@ -34,6 +35,7 @@ class ClassificationTask:
     template: str
     label_words: tuple[str, ...]
     load: object  # (data_dir | None) -> (train pool, validation pool)
+    num_dev: int = 500  # MeZO's dev size (100 for the small CB)
 
     def render(self, example: Example) -> str:
         return self.template.format(**example.fields)
@@ -107,9 +109,104 @@ def load_sst2(data_dir=None):
     return tuple(splits)
 
 
+def _label(value, names: tuple) -> int:
+    """Official files spell labels as strings or booleans, the hub as integers."""
+    if isinstance(value, bool):
+        return int(value)
+    return names.index(value) if isinstance(value, str) else int(value)
+
+
+def _rte(row):
+    return [Example({"premise": row["premise"], "hypothesis": row["hypothesis"]},
+                    _label(row["label"], ("entailment", "not_entailment")))]
+
+
+def _cb(row):
+    return [Example({"premise": row["premise"], "hypothesis": row["hypothesis"]},
+                    _label(row["label"], ("entailment", "contradiction", "neutral")))]
+
+
+def _boolq(row):
+    question = row["question"].strip()
+    question = question[0].upper() + question[1:] + "?"  # MeZO's template v3
+    return [Example({"passage": row["passage"], "question": question}, _label(row.get("label", row.get("answer")), ()))]
+
+
+def _wsc(row):
+    target = row.get("target", row)  # official files nest the spans under "target"
+    return [Example({"text": row["text"], "span1": target["span1_text"], "span2": target["span2_text"].lower()},
+                    _label(row["label"], ()))]
+
+
+def _wic(row):
+    return [Example({k: row[k] for k in ("word", "sentence1", "sentence2")}, _label(row["label"], ()))]
+
+
+def _multirc(row):
+    if "passage" not in row:  # the hub's rows are already one (paragraph, question, answer) each
+        return [Example({"paragraph": row["paragraph"], "question": row["question"], "answer": row["answer"]},
+                        int(row["label"]))]
+    passage = row["passage"]
+    return [Example({"paragraph": passage["text"], "question": q["question"], "answer": a["text"]}, int(a["label"]))
+            for q in passage["questions"] for a in q["answers"]]
+
+
+def _superglue(folder: str, hub: tuple, to_examples):
+    """Loader for the official SuperGLUE files (``<data_dir>/<folder>/{train,val}.jsonl``) or the hub."""
+
+    def load(data_dir=None):
+        if data_dir is None:
+            try:
+                from datasets import load_dataset
+
+                ds = load_dataset(*hub)
+            except Exception as e:
+                raise ZoftError(f"cannot load {'/'.join(hub)} from the hub ({type(e).__name__});"
+                                f" pass --data-dir with {folder}/train.jsonl and {folder}/val.jsonl") from None
+            return tuple([x for r in ds[split] for x in to_examples(r)] for split in ("train", "validation"))
+        base = Path(data_dir) / folder
+        splits = []
+        for name in ("train.jsonl", "val.jsonl"):
+            path = base / name
+            if not path.is_file():
+                raise ZoftError(f"{folder} file not found: {path}" + (
+                    " (the train split must come from the hub or your own copy; zoft never trains on"
+                    " the validation split)" if name == "train.jsonl" else ""))
+            rows = []
+            with open(path, encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows += to_examples(json.loads(line))
+                    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                        raise ZoftError(f"{path}:{line_no}: not a {folder} row ({type(e).__name__}: {e})") from None
+            splits.append(rows)
+        return tuple(splits)
+
+    return load
+
+
 TASKS = {
     "tweets": ClassificationTask("tweets", "{sentence} It was", (" terrible", " great"), load_tweets),
     "sst2": ClassificationTask("sst2", "{sentence} It was", (" terrible", " great"), load_sst2),
+    "rte": ClassificationTask(
+        "rte", '{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n', ("Yes", "No"),
+        _superglue("RTE", ("super_glue", "rte"), _rte)),
+    "cb": ClassificationTask(
+        "cb", 'Suppose {premise} Can we infer that "{hypothesis}"? Yes, No, or Maybe?\n', ("Yes", "No", "Maybe"),
+        _superglue("CB", ("super_glue", "cb"), _cb), num_dev=100),
+    "boolq": ClassificationTask(
+        "boolq", "{passage} {question}\n", ("No", "Yes"), _superglue("BoolQ", ("super_glue", "boolq"), _boolq)),
+    "wsc": ClassificationTask(
+        "wsc", '{text}\nIn the previous sentence, does the pronoun "{span2}" refer to {span1}? Yes or No?\n',
+        ("No", "Yes"), _superglue("WSC", ("super_glue", "wsc.fixed"), _wsc)),
+    "wic": ClassificationTask(
+        "wic", 'Does the word "{word}" have the same meaning in these two sentences? Yes, No?\n{sentence1}\n{sentence2}\n',
+        ("No", "Yes"), _superglue("WiC", ("super_glue", "wic"), _wic)),
+    "multirc": ClassificationTask(
+        "multirc", '{paragraph}\nQuestion: {question}\nI found this answer "{answer}". Is that correct? Yes or No?\n',
+        ("No", "Yes"), _superglue("MultiRC", ("super_glue", "multirc"), _multirc)),
 }
 
 
