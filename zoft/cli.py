@@ -30,6 +30,8 @@ _HELP = {
     "clip_norm": "0: off; C: scale each block's estimate to norm <= C (KerZOO's code: 4e5); one extra read pass",
     "average": "iterate averaging as in KerZOO's code (β_t = 1 + t/6); costs a copy of the trainable weights",
     "tuner": "learned perturbation tuner: none, auto (the shipped tuner made for this model) or a path",
+    "mode": "full (every weight) or lora (peft adapters; only they are perturbed and trained)",
+    "lora_targets": "comma-separated module names; default: peft's choice for the architecture (q_proj,v_proj for Llama)",
     "noise": "table: fixed Gaussian table at seeded offsets (fast); gaussian: regenerated N(0,1) as in MeZO",
     "schedule": "constant or linear (to 0 at the last step)",
     "data_seed": "seed of the train/dev/test sampling (kept apart from --seed)",

@@ -63,6 +63,10 @@ class FinetuneConfig:
     eval_batch_size: int = 32
     max_length: int = 256
     mode: str = "full"
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = ""
     output_dir: str = "runs"
     run_name: str | None = None
     save_model: bool = False
@@ -84,8 +88,10 @@ class FinetuneConfig:
             raise ZoftError(f"estimator must be one of {sorted(ESTIMATORS)}, got {self.estimator!r}")
         if self.noise not in NOISE_SOURCES:
             raise ZoftError(f"noise must be one of {sorted(NOISE_SOURCES)}, got {self.noise!r}")
-        if self.mode != "full":
-            raise ZoftError(f"mode must be 'full', got {self.mode!r}")
+        if self.mode not in ("full", "lora"):
+            raise ZoftError(f"mode must be full or lora, got {self.mode!r}")
+        if self.mode == "lora" and (self.lora_r < 1 or not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1):
+            raise ZoftError("lora needs lora-r >= 1, lora-alpha > 0 and 0 <= lora-dropout < 1")
         if self.report_to not in ("none", "wandb"):
             raise ZoftError(f"report-to must be none or wandb, got {self.report_to!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -129,13 +135,40 @@ def _resolve_tuner(choice: str, model) -> str | None:
     return str(found) if found else None
 
 
-def _restore_step(opt, cfg, upto: int) -> bool:
-    """Rebuild the weights after ``upto`` steps: initial weights from the checkpoint, then the
-    recorded updates replayed (bit-identical). False when the checkpoint cannot be read."""
-    read = checkpoint_reader(cfg.model)
-    initial = {b.name: read(b.name) for b in opt.blocks} if read else {}
-    if not read or any(t is None for t in initial.values()):
-        return False
+def _with_adapters(model, cfg):
+    """LoRA through peft; target modules default to peft's choice for the architecture."""
+    if cfg.mode != "lora":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()] or None
+    try:
+        return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                target_modules=targets, task_type="CAUSAL_LM"))
+    except ValueError as e:
+        raise ZoftError(f"cannot add LoRA adapters: {str(e).splitlines()[0]}") from None
+
+
+def _snapshot_if_small(opt, limit_fraction: float = 0.1):
+    """A copy of the starting trainable tensors when they are few (adapters): best-dev
+    selection replays from it. Full fine-tuning reads the checkpoint instead of holding a copy."""
+    trainable = sum(b.numel for b in opt.blocks)
+    total = sum(p.numel() for p in opt.model.parameters())
+    if trainable > limit_fraction * total:
+        return None
+    return {b.name: b.param.detach().clone() for b in opt.blocks}
+
+
+def _restore_step(opt, cfg, upto: int, snapshot=None) -> bool:
+    """Rebuild the weights after ``upto`` steps: the starting weights (a snapshot, or the model's
+    checkpoint), then the recorded updates replayed (bit-identical). False when neither exists."""
+    if snapshot is not None:
+        initial = dict(snapshot)
+    else:
+        read = checkpoint_reader(cfg.model)
+        initial = {b.name: read(b.name) for b in opt.blocks} if read else {}
+        if not read or any(t is None for t in initial.values()):
+            return False
     with torch.no_grad():
         for b in opt.blocks:
             b.param.data.copy_(initial.pop(b.name))
@@ -172,12 +205,14 @@ def run(cfg: FinetuneConfig) -> dict:
         raise ZoftError(f"run directory already exists: {run_dir}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     model, tokenizer = load_model(cfg.model, device=device)
+    model = _with_adapters(model, cfg)
     cand = candidate_token_ids(task, tokenizer).to(device)
     pad = tokenizer.pad_token_id
     train, dev, test = (encode(task, s, tokenizer, cfg.max_length) for s in (splits.train, splits.dev, splits.test))
     tuner_path = _resolve_tuner(cfg.tuner, model)
     opt = build_optimizer(model, **cfg.method(tuner_path), noise=cfg.noise, num_directions=cfg.directions,
                           seed=cfg.seed, record=True)
+    snapshot = _snapshot_if_small(opt)
 
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=run_dir.parent))
@@ -233,7 +268,7 @@ def run(cfg: FinetuneConfig) -> dict:
         bar.close()
         final_dev_acc = dev_eval["acc"]
         selected = cfg.steps
-        if best_step != cfg.steps and _restore_step(opt, cfg, best_step):
+        if best_step != cfg.steps and _restore_step(opt, cfg, best_step, snapshot):
             selected = best_step
         test_after = evaluate_on(test)
         _save_trajectory(tmp / "trajectory.safetensors", opt, cfg)
