@@ -102,3 +102,10 @@ def test_kernel_estimator_from_the_cli(tmp_path, tiny_model_dir):
     with safe_open(tmp_path / "runs" / "k" / "trajectory.safetensors", "pt") as f:
         scales = f.get_tensor("scales")
     assert scales.shape[:2] == (2, 2) and len(set(scales[0, 0].tolist())) > 1  # K(r_b) per block
+
+
+def test_zero_shot_eval(tiny_model_dir, capsys):
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "tweets", "--num-test", "12"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tweets: zero-shot test accuracy ") and "(12 examples)" in out
+    assert main(["eval", "--model", str(tiny_model_dir), "--num-test", "0"]) == 2

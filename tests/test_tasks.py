@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,27 @@ def test_malformed_row_names_its_line(tmp_path):
     (tmp_path / "RTE" / "val.jsonl").write_text("")
     with pytest.raises(ZoftError, match=r"RTE/train.jsonl:2: not a RTE row \(KeyError"):
         get_task("rte").load(str(tmp_path))
+
+
+def test_custom_jsonl_task_end_to_end_from_the_cli(tmp_path, tiny_model_dir, capsys):
+    from zoft.cli import main
+
+    data = tmp_path / "reviews.jsonl"
+    words = ["the film was good", "not a good movie", "very bad", "it is good and very good"]
+    data.write_text("\n".join(json.dumps({"review": w + f" {i}", "stars": ["bad", "good"][i % 2]})
+                              for i, w in enumerate(words * 10)) + "\n")
+    args = ["finetune", "--model", str(tiny_model_dir), "--task", f"jsonl:{data}", "--template", "{review} It was",
+            "--labels", "terrible,great", "--label-field", "stars", "--output-dir", str(tmp_path / "runs"),
+            "--steps", "2", "--num-train", "16", "--num-dev", "4", "--num-test", "4", "--batch-size", "4"]
+    assert main(args) == 2  # 'bad'/'good' are not among the label words
+    assert "reviews.jsonl:1: bad row (ValueError" in capsys.readouterr().err
+    data.write_text("\n".join(json.dumps({"review": w + f" {i}", "stars": ["terrible", "great"][i % 2]})
+                              for i, w in enumerate(words * 10)) + "\n" + '{"review": "x"}\n')
+    assert main(args) == 2
+    assert "reviews.jsonl:41: bad row (KeyError: 'stars')" in capsys.readouterr().err
+    data.write_text("\n".join(json.dumps({"review": w + f" {i}", "stars": i % 2}) for i, w in enumerate(words * 10)))
+    assert main([*args, "--run-name", "custom"]) == 0
+    config = json.loads((tmp_path / "runs" / "custom" / "config.json").read_text())
+    assert config["template"] == "{review} It was" and config["labels"] == "terrible,great"
+    assert main(["finetune", "--model", str(tiny_model_dir), "--task", f"jsonl:{data}", "--labels", "a"]) == 2
+    assert "--labels needs at least two" in capsys.readouterr().err

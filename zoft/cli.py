@@ -17,7 +17,10 @@ class _Parser(argparse.ArgumentParser):
 
 _HELP = {
     "model": "hub id, local path, or the embedded default (smollm2-135m)",
-    "task": "tweets (embedded) or sst2 (needs --data-dir or the hub)",
+    "task": "tweets (embedded); sst2, rte, cb, boolq, wsc, wic, multirc (--data-dir or the hub); or jsonl:PATH",
+    "template": "jsonl task: the prompt, with {field} placeholders, e.g. '{text} It was'",
+    "labels": "jsonl task: comma-separated label words, in label order, e.g. 'bad,good'",
+    "label_field": "jsonl task: the field that holds the label (an index or a label word)",
     "data_dir": "folder with the task's official files (e.g. ../shared/data)",
     "lr": "learning rate (ZO-SGD)",
     "eps": "perturbation scale ε",
@@ -57,7 +60,7 @@ def add_config_flags(parser, config_cls, help_texts=None):
 
 def build_parser():
     from zoft import __version__
-    from zoft.finetune import FinetuneConfig
+    from zoft.finetune import EvalConfig, FinetuneConfig
 
     parser = _Parser(prog="zoft", description="Zeroth-order fine-tuning of language models.")
     parser.add_argument("--version", action="version", version=f"zoft {__version__}")
@@ -65,6 +68,9 @@ def build_parser():
     ft = sub.add_parser("finetune", help="fine-tune with forward passes only (MeZO's protocol)")
     add_config_flags(ft, FinetuneConfig)
     ft.set_defaults(handler=_finetune)
+    ev = sub.add_parser("eval", help="zero-shot metrics of a model on a task's test sample")
+    add_config_flags(ev, EvalConfig)
+    ev.set_defaults(handler=_eval)
     cmp = sub.add_parser("compare", help="compare run directories: plot and markdown table")
     cmp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     cmp.add_argument("--x", default="forward_passes", help="forward_passes | steps | seconds")
@@ -104,6 +110,14 @@ def _grid(args):
 
     _quiet_transformers()
     print(run_grid(args.grid_file, log=lambda m: print(m, file=sys.stderr)))
+
+
+def _eval(args):
+    from zoft.finetune import EvalConfig, zero_shot
+
+    _quiet_transformers()
+    r = zero_shot(EvalConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "handler")}))
+    print(f"{r['task']}: zero-shot test accuracy {r['acc']:.4f}, loss {r['loss']:.4f} ({r['num_test']} examples)")
 
 
 def _finetune(args):

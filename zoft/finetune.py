@@ -29,7 +29,7 @@ from zoft.models import DEFAULT_MODEL, checkpoint_reader, load_model, model_id
 from zoft.noise import NOISE_SOURCES
 from zoft.optimizer import build_optimizer, make_parts
 from zoft.scoring import classification_loss, evaluate
-from zoft.tasks import get_task, sample_splits
+from zoft.tasks import get_task, jsonl_task, sample_splits
 from zoft.tuner import read_tuner, summarise_scales
 
 
@@ -38,6 +38,9 @@ class FinetuneConfig:
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "hub id, local path or the embedded default"})
     task: str = "tweets"
     data_dir: str | None = None
+    template: str = ""
+    labels: str = ""
+    label_field: str = "label"
     num_train: int = 1000
     num_dev: int | None = field(default=None, metadata={"help": "default: the task's (500; 100 for CB)"})
     num_test: int = 1000
@@ -191,15 +194,21 @@ def _save_trajectory(path: Path, opt, cfg):
     save_file(tensors, str(path), metadata=meta)
 
 
+def resolve_task(cfg):
+    if cfg.task.startswith("jsonl:"):
+        return jsonl_task(cfg.task[len("jsonl:"):], cfg.template, cfg.labels, cfg.label_field)
+    return get_task(cfg.task)
+
+
 def run(cfg: FinetuneConfig) -> dict:
-    task = get_task(cfg.task)
+    task = resolve_task(cfg)
     make_parts(**cfg.method())  # every hyperparameter is checked before anything is loaded
     if cfg.tuner not in ("none", "auto"):
         read_tuner(cfg.tuner)  # a missing or corrupt tuner fails before the model loads
     if cfg.num_dev is None:
         cfg = replace(cfg, num_dev=task.num_dev)
     splits = sample_splits(task, cfg.data_dir, cfg.num_train, cfg.num_dev, cfg.num_test, cfg.data_seed)
-    name = cfg.run_name or f"{cfg.task}-{cfg.estimator}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = cfg.run_name or f"{Path(cfg.task).name}-{cfg.estimator}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.output_dir) / name
     if run_dir.exists():
         raise ZoftError(f"run directory already exists: {run_dir}")
@@ -299,3 +308,35 @@ def run(cfg: FinetuneConfig) -> dict:
         raise
     summary["run_dir"] = str(run_dir)
     return summary
+
+
+@dataclass
+class EvalConfig:
+    model: str = DEFAULT_MODEL
+    task: str = "tweets"
+    data_dir: str | None = None
+    template: str = ""
+    labels: str = ""
+    label_field: str = "label"
+    num_test: int = 1000
+    data_seed: int = 0
+    eval_batch_size: int = 32
+    max_length: int = 256
+    device: str = "auto"
+
+    def __post_init__(self):
+        for name in ("num_test", "eval_batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ZoftError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+def zero_shot(cfg: EvalConfig) -> dict:
+    """Accuracy and loss of the model as it is, on the task's test sample (MeZO's protocol)."""
+    task = resolve_task(cfg)
+    splits = sample_splits(task, cfg.data_dir, 1, task.num_dev, cfg.num_test, cfg.data_seed)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    model, tokenizer = load_model(cfg.model, device=device)
+    cand = candidate_token_ids(task, tokenizer).to(device)
+    items = encode(task, splits.test, tokenizer, cfg.max_length)
+    result = evaluate(model, items, cand, tokenizer.pad_token_id, cfg.eval_batch_size, device)
+    return {"task": task.name, "model": model_id(cfg.model), "num_test": len(items), **result}

@@ -210,7 +210,46 @@ TASKS = {
 }
 
 
+def jsonl_task(path: str, template: str, labels: str, label_field: str = "label") -> ClassificationTask:
+    """A classification task from one JSONL file: each row holds the template's fields and a
+    label (an index, or one of the label words). Rows are split 80/20 into train and validation
+    by a hash of the row, so the split never changes with the seed."""
+    words = [w.strip() for w in labels.split(",") if w.strip()]
+    if len(words) < 2:
+        raise ZoftError(f"--labels needs at least two comma-separated label words, got {labels!r}")
+    if not template or "{" not in template:
+        raise ZoftError("a jsonl task needs --template with at least one {field}")
+    # the answer follows the prompt as a new word, unless the template ends in whitespace
+    label_words = tuple(w if template[-1:].isspace() else " " + w for w in words)
+    fields = {name for _, name, _, _ in __import__("string").Formatter().parse(template) if name}
+
+    def load(data_dir=None):
+        file = Path(path)
+        if not file.is_file():
+            raise ZoftError(f"jsonl task file not found: {file}")
+        pools = {"train": [], "validation": []}
+        with open(file, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    value = row[label_field]
+                    label = words.index(str(value).strip()) if str(value).strip() in words else int(value)
+                    if not 0 <= label < len(words):
+                        raise ValueError(f"label {value!r} is not among {words}")
+                    example = Example({k: str(row[k]) for k in fields}, label)
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                    raise ZoftError(f"{file}:{line_no}: bad row ({type(e).__name__}: {e})") from None
+                pools[_split_of(line.strip())].append(example)
+        return pools["train"], pools["validation"]
+
+    return ClassificationTask(f"jsonl:{Path(path).name}", template, label_words, load)
+
+
 def get_task(name: str) -> ClassificationTask:
+    if name.startswith("jsonl:"):
+        raise ZoftError("a jsonl task needs --template and --labels (see zoft finetune --help)")
     if name not in TASKS:
         raise ZoftError(f"unknown task {name!r}; choose from {', '.join(sorted(TASKS))}")
     return TASKS[name]
