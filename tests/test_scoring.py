@@ -73,3 +73,23 @@ def test_batches_group_by_length_keeps_every_example_once_per_epoch():
     (labels_g, pad_g), (labels_p, pad_p) = epoch(grouped), epoch(plain)
     assert labels_g == labels_p == list(range(64))
     assert pad_g < pad_p / 2
+
+
+def test_metric_objectives_on_hand_made_cases():
+    from zoft.scoring import accuracy, macro_f1
+
+    pred, gold = torch.tensor([0, 1, 1, 2, 2, 2]), torch.tensor([0, 1, 2, 2, 2, 0])
+    assert accuracy(pred, gold) == pytest.approx(4 / 6)
+    # class 0: tp 1 fp 0 fn 1 -> 2/3; class 1: tp 1 fp 0 fn 0 -> 1; class 2: tp 2 fp 1 fn 1 -> 2/3
+    assert macro_f1(pred, gold) == pytest.approx((2 / 3 + 1 + 2 / 3) / 3)
+    assert macro_f1(torch.tensor([1, 1]), torch.tensor([1, 1])) == 1.0
+
+
+def test_accuracy_objective_is_the_negative_batch_accuracy():
+    model = tiny_llama()
+    batch = collate([Encoded(p, y) for p, y in zip(PROMPTS, LABELS)], pad_id=0)
+    with torch.no_grad():
+        from zoft.scoring import candidate_logits
+
+        acc = (candidate_logits(model, batch, CANDIDATES).argmax(-1) == batch["labels"]).float().mean().item()
+        assert classification_loss(model, batch, CANDIDATES, "accuracy").item() == pytest.approx(-acc)

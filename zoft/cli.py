@@ -35,6 +35,7 @@ _HELP = {
     "tuner": "learned perturbation tuner: none, auto (the shipped tuner made for this model) or a path",
     "mode": "full (every weight) or lora (peft adapters; only they are perturbed and trained)",
     "lora_targets": "comma-separated module names; default: peft's choice for the architecture (q_proj,v_proj for Llama)",
+    "objective": "what ZO minimises on a batch: loss (cross-entropy), or the negative of accuracy or macro f1",
     "noise": "table: fixed Gaussian table at seeded offsets (fast); gaussian: regenerated N(0,1) as in MeZO",
     "schedule": "constant or linear (to 0 at the last step)",
     "data_seed": "seed of the train/dev/test sampling (kept apart from --seed)",

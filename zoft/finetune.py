@@ -28,7 +28,7 @@ from zoft.logging import JsonlLogger, WandbLogger
 from zoft.models import DEFAULT_MODEL, checkpoint_reader, load_model, model_id
 from zoft.noise import NOISE_SOURCES
 from zoft.optimizer import build_optimizer, make_parts
-from zoft.scoring import classification_loss, evaluate
+from zoft.scoring import METRICS, classification_loss, evaluate
 from zoft.tasks import get_task, jsonl_task, sample_splits
 from zoft.tuner import read_tuner, summarise_scales
 
@@ -50,6 +50,7 @@ class FinetuneConfig:
     eps: float = 1e-3
     directions: int = 1
     estimator: str = "spsa"
+    objective: str = "loss"
     kernel_order: int = 4
     r_mode: str = "direction"
     radius: float = 1.0
@@ -87,6 +88,8 @@ class FinetuneConfig:
         for name in ("lr", "eps"):
             if not getattr(self, name) > 0:
                 raise ZoftError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.objective not in ("loss", *METRICS):
+            raise ZoftError(f"objective must be loss, accuracy or f1, got {self.objective!r}")
         if self.estimator not in ESTIMATORS:
             raise ZoftError(f"estimator must be one of {sorted(ESTIMATORS)}, got {self.estimator!r}")
         if self.noise not in NOISE_SOURCES:
@@ -259,7 +262,7 @@ def run(cfg: FinetuneConfig) -> dict:
         for step in bar:
             batch = next(batches)
             t0 = time.perf_counter()
-            loss = opt.step(lambda: classification_loss(model, batch, cand))
+            loss = opt.step(lambda: classification_loss(model, batch, cand, cfg.objective))
             train_seconds += time.perf_counter() - t0
             forward_passes += opt.last["forward_passes"]
             bar.set_postfix(loss=f"{loss:.3f}", fwd=forward_passes, s_step=f"{train_seconds / (step + 1):.2f}")

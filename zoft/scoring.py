@@ -31,8 +31,31 @@ def candidate_logits(model, batch, candidate_ids: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def classification_loss(model, batch, candidate_ids) -> torch.Tensor:
-    return F.cross_entropy(candidate_logits(model, batch, candidate_ids).float(), batch["labels"])
+def accuracy(predictions: torch.Tensor, golds: torch.Tensor) -> float:
+    return (predictions == golds).float().mean().item()
+
+
+def macro_f1(predictions: torch.Tensor, golds: torch.Tensor) -> float:
+    """Mean over the classes present in golds or predictions of 2·TP / (2·TP + FP + FN)."""
+    scores = []
+    for c in torch.unique(torch.cat([predictions, golds])).tolist():
+        tp = ((predictions == c) & (golds == c)).sum().item()
+        fp = ((predictions == c) & (golds != c)).sum().item()
+        fn = ((predictions != c) & (golds == c)).sum().item()
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores)
+
+
+# A metric objective is any callable (predictions, golds) -> float, higher is better; ZO needs
+# only the scalar, so the optimiser minimises its negative, gradient or not.
+METRICS = {"accuracy": accuracy, "f1": macro_f1}
+
+
+def classification_loss(model, batch, candidate_ids, objective: str = "loss") -> torch.Tensor:
+    logits = candidate_logits(model, batch, candidate_ids).float()
+    if objective == "loss":
+        return F.cross_entropy(logits, batch["labels"])
+    return torch.tensor(-METRICS[objective](logits.argmax(-1), batch["labels"]))
 
 
 @torch.inference_mode()
