@@ -110,3 +110,22 @@ def test_zero_shot_eval(tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert out.startswith("tweets: zero-shot test accuracy ") and "(12 examples)" in out
     assert main(["eval", "--model", str(tiny_model_dir), "--num-test", "0"]) == 2
+
+
+def test_best_step_is_rebuilt_bit_identically_from_the_checkpoint(tiny_model_dir):
+    import torch
+
+    import zoft
+    from zoft.finetune import FinetuneConfig, _restore_step
+    from zoft.models import load_model
+
+    model, _ = load_model(str(tiny_model_dir))
+    opt = zoft.mezo(model, lr=1e-2, eps=1e-2, weight_decay=0.01, record=True)
+    ids = torch.randint(1, 20, (2, 5), generator=torch.Generator().manual_seed(0))
+    opt.step(lambda: model(ids, labels=ids).loss)
+    after_one = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        opt.step(lambda: model(ids, labels=ids).loss)
+    assert _restore_step(opt, FinetuneConfig(model=str(tiny_model_dir)), 1)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), after_one))
+    assert not _restore_step(opt, FinetuneConfig(model="no/such-model"), 1)  # falls back to the final model
