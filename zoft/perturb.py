@@ -30,13 +30,11 @@ def perturbed_rows(weight: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
     return _active.perturb_rows(weight, row_ids, rows)
 
 
-def _merge_moments(parts: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Per-chunk [mean, population var] → the tensor's [mean, unbiased var] (Chan et al.)."""
-    n = torch.tensor(counts, dtype=torch.float64, device=parts.device)
-    mean_k, var_k = parts[:, 0].double(), parts[:, 1].double()
-    mean = (n * mean_k).sum() / n.sum()
-    m2 = (n * var_k + n * (mean_k - mean) ** 2).sum()
-    return torch.stack([mean, m2 / (n.sum() - 1).clamp(min=1)]).float()
+def _moments(sums: torch.Tensor, n: int) -> torch.Tensor:
+    """[Σx, Σx²] of n elements → [mean, unbiased var], combined in float64."""
+    total, squares = sums.double()
+    mean = total / n
+    return torch.stack([mean, ((squares - n * mean**2) / max(n - 1, 1)).clamp(min=0)]).float()
 
 
 def _gathers_rows(module: nn.Module) -> bool:
@@ -117,10 +115,12 @@ class Perturber:
                 chunk = flat[start : start + n]
                 if s != 0.0:
                     chunk.add_(z, alpha=s)
-                if with_stats:
-                    parts.append(torch.stack(torch.var_mean(chunk.float(), correction=0)[::-1]))
+                if with_stats:  # sum and sum of squares: fast reductions (var_mean is a slow Welford pass);
+                    # small blocks (norms: mean ~1, var ~0) in float64 against cancellation
+                    c = chunk.double() if n <= 1 << 16 else chunk.float()
+                    parts.append(torch.stack([c.sum(), torch.dot(c, c)]).double())
             if with_stats:
-                stats.append(_merge_moments(torch.stack(parts), [n for _, _, n in b.chunks()]))
+                stats.append(_moments(torch.stack(parts).sum(0), b.numel))
         return torch.stack(stats) if with_stats else None
 
     @torch.no_grad()
