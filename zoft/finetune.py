@@ -34,16 +34,35 @@ from zoft.tuner import read_tuner, summarise_scales
 
 
 @dataclass
-class FinetuneConfig:
+class TaskConfig:
+    """Model, task and data: what zoft eval and zoft finetune share."""
+
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "hub id, local path or the embedded default"})
     task: str = "tweets"
     data_dir: str | None = None
     template: str = ""
     labels: str = ""
     label_field: str = "label"
+    num_test: int = 1000
+    data_seed: int = 0
+    eval_batch_size: int = 32
+    max_length: int = 256
+    device: str = "auto"
+
+    def __post_init__(self):
+        for name in ("num_test", "eval_batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ZoftError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ZoftError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ZoftError("device cuda asked for, but no CUDA device is available")
+
+
+@dataclass
+class FinetuneConfig(TaskConfig):
     num_train: int = 1000
     num_dev: int | None = field(default=None, metadata={"help": "default: the task's (500; 100 for CB)"})
-    num_test: int = 1000
     steps: int = 1000
     batch_size: int = 16
     lr: float = 1e-5
@@ -62,10 +81,7 @@ class FinetuneConfig:
     noise: str = "table"
     tuner: str = "none"
     seed: int = 0
-    data_seed: int = 0
     eval_every: int = 100
-    eval_batch_size: int = 32
-    max_length: int = 256
     mode: str = "full"
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -76,15 +92,14 @@ class FinetuneConfig:
     save_model: bool = False
     report_to: str = "none"
     wandb_project: str = "zoft"
-    device: str = "auto"
 
     def __post_init__(self):
-        positive = ["steps", "batch_size", "directions", "eval_every", "eval_batch_size", "max_length", "num_train"]
-        for name in positive:
+        super().__post_init__()
+        for name in ("steps", "batch_size", "directions", "eval_every", "num_train"):
             if getattr(self, name) < 1:
                 raise ZoftError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if (self.num_dev is not None and self.num_dev < 1) or self.num_test < 1:
-            raise ZoftError("num-dev and num-test must be >= 1")
+        if self.num_dev is not None and self.num_dev < 1:
+            raise ZoftError(f"num-dev must be >= 1, got {self.num_dev}")
         for name in ("lr", "eps"):
             if not getattr(self, name) > 0:
                 raise ZoftError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -100,10 +115,6 @@ class FinetuneConfig:
             raise ZoftError("lora needs lora-r >= 1, lora-alpha > 0 and 0 <= lora-dropout < 1")
         if self.report_to not in ("none", "wandb"):
             raise ZoftError(f"report-to must be none or wandb, got {self.report_to!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ZoftError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ZoftError("device cuda asked for, but no CUDA device is available")
 
     def method(self, tuner_path: str | None = None) -> dict:
         estimator = {"name": self.estimator, "eps": self.eps}
@@ -314,23 +325,8 @@ def run(cfg: FinetuneConfig) -> dict:
 
 
 @dataclass
-class EvalConfig:
-    model: str = DEFAULT_MODEL
-    task: str = "tweets"
-    data_dir: str | None = None
-    template: str = ""
-    labels: str = ""
-    label_field: str = "label"
-    num_test: int = 1000
-    data_seed: int = 0
-    eval_batch_size: int = 32
-    max_length: int = 256
-    device: str = "auto"
-
-    def __post_init__(self):
-        for name in ("num_test", "eval_batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise ZoftError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+class EvalConfig(TaskConfig):
+    pass
 
 
 def zero_shot(cfg: EvalConfig) -> dict:
