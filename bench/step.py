@@ -24,7 +24,9 @@ import torch
 
 import zoft
 from zoft.data import Batches, candidate_token_ids, encode
+from zoft.blocks import collect_blocks
 from zoft.models import load_model
+from zoft.optimizer import make_parts
 from zoft.perturbations import LearnedScale, LearnedScaleConfig
 from zoft.tuner import BlockMLPs
 from zoft.scoring import classification_loss
@@ -75,9 +77,10 @@ def timings(rounds: int) -> dict:
     def closure():
         return classification_loss(model, batch, cand)
 
-    tuned = zoft.mezo(model, noise="table")  # a learned tuner: its cost does not depend on its weights
-    tuned.perturbation = LearnedScale(LearnedScaleConfig(), net=BlockMLPs(len(tuned.blocks)))
-    tuned.state = tuned.perturbation.init(tuned.blocks)
+    # a learned tuner: its cost does not depend on its weights
+    learned = LearnedScale(LearnedScaleConfig(), net=BlockMLPs(len(collect_blocks(model))))
+    estimator, _, update = make_parts({"name": "spsa"}, {"name": "isotropic"}, {"name": "sgd"})
+    tuned = zoft.ZOOptimizer(model, estimator, learned, update)
     modes = {"table": zoft.mezo(model, noise="table"), "gaussian": zoft.mezo(model, noise="gaussian"),
              "tuner": tuned}
     for opt in modes.values():

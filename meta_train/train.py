@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import zoft
+from zoft.blocks import collect_blocks
 from zoft.data import Batches, candidate_token_ids, encode
 from zoft.errors import ZoftError
 from zoft.models import DEFAULT_MODEL, load_model, model_id
@@ -98,12 +99,11 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
                                      derive(cfg.seed, i), pad)
         candidates[task.name] = candidate_token_ids(task, tokenizer)
 
-    blocks_opt = ZOOptimizer(model, estimator, zoft.perturbations.Isotropic(), zoft.updates.SGD(zoft.updates.SGDConfig()))
-    blocks = blocks_opt.blocks
     learned = LearnedScale(LearnedScaleConfig(dim_rule=cfg.dim_rule, batch_size=cfg.batch_size),
-                           net=BlockMLPs(len(blocks), seed=cfg.seed))
-    blocks_opt.perturbation = learned
-    learned.init(blocks)
+                           net=BlockMLPs(len(collect_blocks(model)), seed=cfg.seed))
+    # the fine-tuning machinery (blocks, noise, hooks, estimator) that the tuner is fitted to
+    blocks_opt = ZOOptimizer(model, estimator, learned, zoft.updates.SGD(zoft.updates.SGDConfig()))
+    blocks = blocks_opt.blocks
     tuner_opt = torch.optim.SGD(learned.net.parameters(), lr=cfg.lr_tuner)
     initial = [b.param.detach().cpu().clone() for b in blocks]  # θ₀, restored at each restart
     sigma_prev = {t.name: torch.ones(len(blocks)) for t in tasks}

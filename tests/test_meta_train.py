@@ -23,10 +23,8 @@ def tuner_optimizer(estimator=None, seed=0):
         net.b2.copy_(torch.linspace(-1.5, 2.0, net.b2.shape[0])[:, None])
     learned = LearnedScale(LearnedScaleConfig(dim_rule="numel"), net=net)
     estimator = estimator or {"name": "spsa", "eps": 1e-2}
-    opt = zoft.ZOOptimizer(model, *zoft.optimizer.make_parts(estimator, {"name": "isotropic"}, {"name": "sgd"}))
-    opt.perturbation = learned
-    opt.state = learned.init(opt.blocks)
-    return opt, net
+    est, _, update = zoft.optimizer.make_parts(estimator, {"name": "isotropic"}, {"name": "sgd"})
+    return zoft.ZOOptimizer(model, est, learned, update), net
 
 
 @pytest.mark.parametrize("estimator", [{"name": "spsa", "eps": 1e-2}, {"name": "kernel", "eps": 1e-2, "r_mode": "block"}])

@@ -1,6 +1,5 @@
 import json
 
-import pytest
 import torch
 
 import zoft

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 #: Upper bound on the elements of one chunk of a direction (4 MiB of fp32).
