@@ -37,6 +37,16 @@ def read_wandb_records(path):
     return records
 
 
+def finished_log(run_dir):
+    """The run's .wandb log once W&B's service has closed it: finish() can return while the service
+    still buffers the file (wandb/wandb#9525), so read only after teardown."""
+    import wandb
+
+    wandb.teardown()
+    (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    return log
+
+
 def _key(item):
     return item.key or "/".join(item.nested_key)  # keys with '/' are stored as nested keys
 
@@ -48,8 +58,7 @@ def test_offline_run_holds_config_metrics_and_summary(tmp_path, tiny_model_dir, 
                  "--num-train", "16", "--num-dev", "8", "--num-test", "8", "--batch-size", "4", "--steps", "3",
                  "--eval-every", "1", "--estimator", "kernel", "--report-to", "wandb"])
     assert code == 0
-    (log,) = (tmp_path / "w" / "wandb").glob("offline-run-*/run-*.wandb")
-    records = read_wandb_records(log)
+    records = read_wandb_records(finished_log(tmp_path / "w"))
     by_type = {}
     for r in records:
         by_type.setdefault(r.WhichOneof("record_type"), []).append(r)
@@ -74,8 +83,7 @@ def test_tuner_scales_and_meta_trained_artifact_reach_wandb(tmp_path, tiny_model
     out = tmp_path / "tuner"
     meta_train(MetaTrainConfig(output=str(out), model=str(tiny_model_dir), tasks="tweets", steps=2, restart_every=2,
                                batch_size=4, num_train=16, report_to="wandb"))
-    (log,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
-    records = read_wandb_records(log)
+    records = read_wandb_records(finished_log(out))
     kinds = [r.WhichOneof("record_type") for r in records]
     assert "artifact" in kinds
     (artifact,) = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
@@ -87,6 +95,5 @@ def test_tuner_scales_and_meta_trained_artifact_reach_wandb(tmp_path, tiny_model
                  "--num-train", "16", "--num-dev", "8", "--num-test", "8", "--batch-size", "4", "--steps", "2",
                  "--eval-every", "1", "--tuner", str(out), "--report-to", "wandb"])
     assert code == 0
-    (log,) = (tmp_path / "runs" / "t" / "wandb").glob("offline-run-*/run-*.wandb")
-    logged = {_key(i) for r in read_wandb_records(log) if r.WhichOneof("record_type") == "history" for i in r.history.item}
+    logged = {_key(i) for r in read_wandb_records(finished_log(tmp_path / "runs" / "t")) if r.WhichOneof("record_type") == "history" for i in r.history.item}
     assert {"sigma/layer_00", "sigma/layer_01", "sigma/embed", "sigma/other"} <= logged
