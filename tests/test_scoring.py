@@ -94,3 +94,65 @@ def test_accuracy_objective_is_the_negative_batch_accuracy():
 
         acc = (candidate_logits(model, batch, CANDIDATES).argmax(-1) == batch["labels"]).float().mean().item()
         assert classification_loss(model, batch, CANDIDATES, "accuracy").item() == pytest.approx(-acc)
+
+
+OPTIONS = [(3, 4), (7,), (11, 2, 9)]  # multi-token options shared by every example
+
+
+def full_option_log_likelihood(model, prompt, option):
+    """Mean log p(option tokens | prompt and the option's earlier tokens), whole vocabulary, unpadded."""
+    ids = torch.tensor([prompt + list(option)])
+    logp = F.log_softmax(model(ids).logits[0], dim=-1)
+    return torch.stack([logp[len(prompt) - 1 + j, t] for j, t in enumerate(option)]).mean()
+
+
+@pytest.mark.parametrize("perturbed", [False, True])
+def test_option_scoring_equals_mean_token_log_likelihood(perturbed):
+    """MeZO §6.1 for multi-token candidates: softmax over each option's mean token log-likelihood,
+    also under a perturbation (the head then runs as a swapped-in perturbed copy)."""
+    from zoft.scoring import option_logits
+
+    model = tiny_llama(tied=True)
+    opt = zoft.mezo(model, eps=0.05)
+    items = [Encoded(p, y, OPTIONS) for p, y in zip(PROMPTS, LABELS)]
+    batch = collate(items, pad_id=0)
+    assert batch["input_ids"].shape == (len(PROMPTS) * len(OPTIONS), 7 + 3)
+    with torch.no_grad(), (opt.perturber.active(4, [0.05] * len(opt.blocks)) if perturbed else torch.enable_grad()):
+        logits = option_logits(model, batch)
+        expected = torch.stack([torch.stack([full_option_log_likelihood(model, p, o) for o in OPTIONS]) for p in PROMPTS])
+        loss = classification_loss(model, batch, None)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, F.cross_entropy(expected, torch.tensor(LABELS)), rtol=1e-5, atol=1e-5)
+
+
+def test_single_token_options_give_the_candidate_scoring_loss():
+    """Sequence scoring and the fast path agree where both apply."""
+    model = tiny_llama()
+    single = tuple((int(c),) for c in CANDIDATES)
+    with torch.no_grad():
+        slow = classification_loss(model, collate([Encoded(p, y, single) for p, y in zip(PROMPTS, LABELS)], 0), None)
+        fast = classification_loss(model, collate([Encoded(p, y) for p, y in zip(PROMPTS, LABELS)], 0), CANDIDATES)
+    torch.testing.assert_close(slow, fast, rtol=1e-5, atol=1e-6)
+
+
+def test_multiple_choice_trains_on_the_gold_options_token_loss_and_evaluates_by_likelihood():
+    """MeZO §6.2: the LM loss of the gold option only, prompt tokens masked (HF's -100 labels);
+    examples with different numbers of options; evaluation batches count sequences."""
+    from zoft.scoring import option_logits
+
+    model = tiny_llama()
+    options = [((3, 4), (5,)), ((6,), (7, 8, 9), (10,)), ((12, 13), (14, 15)), ((16,), (17,))]
+    items = [Encoded(p, y, o) for p, y, o in zip(PROMPTS, [1, 2, 0, 1], options)]
+    batch = collate(items, pad_id=0)
+    with torch.no_grad():
+        loss = classification_loss(model, batch, None, train_loss="lm")
+        ids = [p + list(o[y]) for p, y, o in zip(PROMPTS, [1, 2, 0, 1], options)]
+        width = max(map(len, ids))
+        labels = torch.tensor([[-100] * len(p) + list(o[y]) + [-100] * (width - len(p) - len(o[y]))
+                               for p, y, o in zip(PROMPTS, [1, 2, 0, 1], options)])
+        padded = torch.tensor([x + [0] * (width - len(x)) for x in ids])
+        torch.testing.assert_close(loss, model(padded, labels=labels).loss, rtol=1e-5, atol=1e-6)
+        logits = option_logits(model, batch)
+    assert logits.shape == (4, 3) and torch.isinf(logits[[0, 2, 3], 2]).all()
+    expected = (logits.argmax(-1) == batch["labels"]).float().mean().item()
+    assert evaluate(model, items, None, pad_id=0, batch_size=3)["acc"] == pytest.approx(expected)

@@ -43,7 +43,7 @@ def test_sst2_from_the_official_tsv_files():
 
 
 def test_task_errors(tmp_path):
-    with pytest.raises(ZoftError, match="unknown task 'imdb'; choose from boolq, cb, multirc, rte, sst2, tweets, wic, wsc"):
+    with pytest.raises(ZoftError, match="unknown task 'imdb'; choose from boolq, cb, copa, drop, multirc, record, rte, squad, sst2, tweets, wic, wsc"):
         get_task("imdb")
     with pytest.raises(ZoftError, match="data dir not found"):
         sample_splits(get_task("sst2"), str(tmp_path / "nope"), 10, 5, 5, 0)
@@ -126,5 +126,103 @@ def test_custom_jsonl_task_end_to_end_from_the_cli(tmp_path, tiny_model_dir, cap
     assert main([*args, "--run-name", "custom"]) == 0
     config = json.loads((tmp_path / "runs" / "custom" / "config.json").read_text())
     assert config["template"] == "{review} It was" and config["labels"] == "terrible,great"
+    assert config["split_sizes"]["dev"] == 4 and config["num_dev"] == 4
+    assert main(args) == 0  # a default run name: no ':' from "jsonl:" in the folder name
+    assert [p.name.startswith("jsonl-reviews.jsonl-spsa-s0-") for p in (tmp_path / "runs").iterdir()].count(True) == 1
     assert main(["finetune", "--model", str(tiny_model_dir), "--task", f"jsonl:{data}", "--labels", "a"]) == 2
     assert "--labels needs at least two" in capsys.readouterr().err
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.skipif(not (SHARED / "COPA").is_dir(), reason="needs ../shared/data")
+def test_copa_renders_real_rows_as_mezo_does():
+    task, example = _first_val("copa")  # "The man turned on the faucet." effect; label 1
+    assert task.render(example) == "The man turned on the faucet so"
+    assert task.options(example) == (" the toilet filled with water.", " water flowed from the spout.")
+    assert example.label == 1 and task.train_loss == "lm" and task.num_dev == 100
+    train, val = task.load(str(SHARED))
+    assert (len(train), len(val)) == (400, 100)
+    from zoft.tasks import _copa
+
+    cause = _copa({"premise": "I hid.", "choice1": "I was scared.", "choice2": "Nobody came.", "question": "cause",
+                   "label": 0})[0]
+    assert task.render(cause) + task.options(cause)[0] == "I hid because I was scared."  # "I" keeps its case
+
+
+def test_record_renders_highlights_queries_and_entity_options():
+    task = get_task("record")
+    train, _ = task.load(str(FIXTURES))
+    assert len(train) == 3  # the query without an answer among the entities is dropped
+    example = train[0]
+    assert task.render(example) == ("Ada Lovelace wrote the first program for the Analytical Engine of Charles "
+                                    "Babbage.\n- Lovelace published notes in London\n- Babbage never finished the"
+                                    " machine\n-")
+    entities = ["Ada Lovelace", "Analytical Engine", "Babbage", "Charles Babbage", "London"]
+    assert task.options(example) == tuple(f" Her notes on the {e} are read today." for e in entities)
+    assert example.label == 1
+    from zoft.tasks import _record
+
+    hub_row = {"passage": "P.\n@highlight\nH", "query": "Q @placeholder.", "entities": ["B", "A"], "answers": ["B"]}
+    hub = _record(hub_row)[0]
+    assert task.render(hub) == "P.\n- H\n-" and hub.options == (" Q A.", " Q B.") and hub.label == 1
+
+
+def test_multiple_choice_and_multi_token_labels_run_end_to_end(tmp_path, tiny_model_dir, capsys):
+    from zoft.cli import main
+
+    base = ["finetune", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "runs"), "--steps", "2",
+            "--num-dev", "4", "--num-test", "4", "--batch-size", "2"]
+    assert main([*base, "--task", "record", "--data-dir", str(FIXTURES), "--num-train", "2", "--num-dev", "1",
+                 "--run-name", "record"]) == 0
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("\n".join(json.dumps({"review": f"the movie was {w} {i}", "label": i % 2})
+                              for i, w in enumerate(["good", "bad"] * 20)) + "\n")
+    assert main([*base, "--task", f"jsonl:{data}", "--template", "{review} It was", "--labels",
+                 "very bad,very good", "--num-train", "16", "--run-name", "multi"]) == 0
+    summary = json.loads((tmp_path / "runs" / "multi" / "summary.json").read_text())
+    assert summary["steps"] == 2 and 0 <= summary["test_acc_after"] <= 1
+
+
+def test_squad_and_drop_render_prompts_and_answer_targets():
+    squad = get_task("squad")
+    train, _ = squad.load(str(FIXTURES))
+    assert len(train) == 3  # the row without an answer is dropped
+    assert squad.render(train[0]) == ("Title: Analytical_Engine\nContext: The Analytical Engine was designed by "
+                                      "Charles Babbage in 1837. Ada Lovelace wrote notes on it in 1843.\n"
+                                      "Question: Who designed the Analytical Engine?\nAnswer:")
+    assert train[0].options == ("Charles Babbage", "Babbage") and squad.options(train[0]) == (" Charles Babbage\n",)
+    drop = get_task("drop")
+    example = drop.load(str(FIXTURES))[0][1]
+    assert drop.render(example).startswith("Passage: The Analytical Engine") and drop.render(example).endswith(
+        "\nQuestion: Who wrote notes?\nAnswer:")
+    assert example.options == ("Ada Lovelace", "Lovelace") and squad.generates and drop.generates
+
+
+def test_answer_metrics_on_hand_made_cases():
+    from zoft.scoring import answer_scores, normalise_answer, token_f1
+
+    assert normalise_answer("The  Analytical, Engine!") == "analytical engine"
+    assert token_f1("Charles Babbage", "Babbage") == pytest.approx(2 / 3)  # precision 1/2, recall 1
+    assert token_f1("the cat", "a dog") == 0.0 and token_f1("", "") == 1.0 and token_f1("x", "") == 0.0
+    assert answer_scores("Babbage.", ["Charles Babbage", "babbage"]) == (1.0, 1.0)
+    assert answer_scores("in 1843 he", ["1843"]) == (0.5, 0.0)  # precision 1/3, recall 1
+
+
+def test_generation_task_trains_on_the_answer_and_reports_f1_and_em(tmp_path, tiny_model_dir, capsys):
+    from zoft.cli import main
+
+    base = ["finetune", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "runs"), "--steps", "2",
+            "--num-train", "2", "--num-dev", "1", "--num-test", "2", "--batch-size", "2", "--task", "squad",
+            "--data-dir", str(FIXTURES)]
+    assert main([*base, "--objective", "f1"]) == 2
+    assert "objective f1 is for classification tasks; squad trains on the answer's loss" in capsys.readouterr().err
+    assert main([*base, "--run-name", "squad"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "runs" / "squad" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= x["dev/acc"] <= 1 for x in lines if "dev/acc" in x)
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "drop", "--data-dir", str(FIXTURES),
+                 "--num-test", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "test F1: before" in out and "drop: zero-shot test F1 0.0000, exact match 0.0000, loss" in out
+    assert json.loads((tmp_path / "runs" / "squad" / "summary.json").read_text())["metric"] == "f1"

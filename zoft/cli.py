@@ -33,7 +33,8 @@ _HELP = {
     "clip_norm": "0: off; C: scale each block's estimate to norm <= C (KerZOO's code: 4e5); one extra read pass",
     "average": "iterate averaging as in KerZOO's code (β_t = 1 + t/6); costs a copy of the trainable weights",
     "tuner": "learned perturbation tuner: none, auto (the shipped tuner made for this model) or a path",
-    "mode": "full (every weight) or lora (peft adapters; only they are perturbed and trained)",
+    "peft": "none (every weight), lora or prefix (peft adapters; only they are perturbed and trained)",
+    "prefix_tokens": "virtual tokens of --peft prefix",
     "lora_targets": "comma-separated module names; default: peft's choice for the architecture (q_proj,v_proj for Llama)",
     "objective": "what ZO minimises on a batch: loss (cross-entropy), or the negative of accuracy or macro f1",
     "noise": "table: fixed Gaussian table at seeded offsets (fast); gaussian: regenerated N(0,1) as in MeZO",
@@ -118,7 +119,8 @@ def _eval(args):
 
     _quiet_transformers()
     r = zero_shot(EvalConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "handler")}))
-    print(f"{r['task']}: zero-shot test accuracy {r['acc']:.4f}, loss {r['loss']:.4f} ({r['num_test']} examples)")
+    metric = f"F1 {r['f1']:.4f}, exact match {r['em']:.4f}" if "f1" in r else f"accuracy {r['acc']:.4f}"
+    print(f"{r['task']}: zero-shot test {metric}, loss {r['loss']:.4f} ({r['num_test']} examples)")
 
 
 def _finetune(args):
@@ -128,7 +130,7 @@ def _finetune(args):
     cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "handler")})
     s = run(cfg)
     print(f"run: {s['run_dir']}")
-    print(f"test accuracy: before {s['test_acc_before']:.4f}  after {s['test_acc_after']:.4f}"
+    print(f"test {'F1' if s['metric'] == 'f1' else 'accuracy'}: before {s['test_acc_before']:.4f}  after {s['test_acc_after']:.4f}"
           f"  (model at step {s['selected_step']}, best dev {s['best_dev_acc']:.4f})")
     print(f"{s['steps']} steps, {s['forward_passes']} forward passes, {s['s_per_step']:.2f} s/step,"
           f" peak memory {s['peak_memory_mb']:.0f} MB")

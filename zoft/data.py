@@ -1,4 +1,9 @@
-"""Tokenise once, then batch: right-padded token ids plus each prompt's length."""
+"""Tokenise once, then batch: right-padded token ids plus each prompt's length.
+
+Two batch layouts. Single-token label words shared by every example (the common case) need only
+the prompt: one hidden state scores all candidates. Otherwise (multiple choice, multi-token label
+words) every (prompt, option) pair is one sequence, and the batch says where each option starts,
+which example owns it and which of that example's options it is."""
 
 from __future__ import annotations
 
@@ -14,36 +19,60 @@ from zoft.errors import ZoftError
 class Encoded:
     input_ids: list[int]
     label: int
+    options: tuple[tuple[int, ...], ...] | None = None  # each option's tokens (sequence scoring)
+    answers: tuple[str, ...] = ()  # a generation task's gold answers
 
 
 def encode(task, examples, tokenizer, max_length: int) -> list[Encoded]:
-    """Prompts as token ids; an over-long prompt keeps its end, where the answer cue is."""
-    texts = [task.render(ex) for ex in examples]
-    ids = tokenizer(texts)["input_ids"]
-    return [Encoded(i[-max_length:], ex.label) for i, ex in zip(ids, examples)]
+    """Prompts as token ids; an over-long prompt keeps its end, where the answer cue is. When the
+    task needs sequence scoring, each example also carries its options' tokens, and the prompt is
+    cut so that the prompt and its longest option fit in ``max_length``."""
+    ids = tokenizer([task.render(ex) for ex in examples])["input_ids"]
+    if candidate_token_ids(task, tokenizer) is not None:
+        return [Encoded(i[-max_length:], ex.label) for i, ex in zip(ids, examples)]
+    encoded = []
+    for prompt, ex in zip(ids, examples):
+        options = tuple(tuple(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in task.options(ex))
+        if not options or not all(options):
+            raise ZoftError(f"{task.name}: an example has no options or an empty one")
+        room = max_length - max(len(o) for o in options)
+        if room < 1:
+            raise ZoftError(f"{task.name}: an option is longer than max_length {max_length}")
+        encoded.append(Encoded(prompt[-room:], ex.label, options, ex.options if task.generates else ()))
+    return encoded
 
 
-def candidate_token_ids(task, tokenizer) -> torch.Tensor:
-    ids = []
-    for word in task.label_words:
-        tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if len(tokens) != 1:
-            raise ZoftError(
-                f"label word {word!r} of task {task.name} is {len(tokens)} tokens for this"
-                " tokenizer; candidate scoring needs single-token label words"
-            )
-        ids.append(tokens[0])
-    return torch.tensor(ids)
+def candidate_token_ids(task, tokenizer, device="cpu") -> torch.Tensor | None:
+    """The label words' token ids when each is one token and every example shares them; None
+    when the task needs sequence scoring (multiple choice, multi-token label words)."""
+    if task.train_loss != "choice":
+        return None
+    ids = [tokenizer(word, add_special_tokens=False)["input_ids"] for word in task.label_words]
+    if any(len(t) != 1 for t in ids):
+        return None
+    return torch.tensor([t[0] for t in ids], device=device)
 
 
 def collate(items: list[Encoded], pad_id: int, device="cpu") -> dict[str, torch.Tensor]:
     """Right padding: a causal model's state at a prompt's last token never sees the pads."""
+    if items[0].options is not None:
+        return _collate_options(items, pad_id, device)
     lengths = torch.tensor([len(it.input_ids) for it in items])
     input_ids = torch.full((len(items), int(lengths.max())), pad_id, dtype=torch.long)
     for row, it in enumerate(items):
         input_ids[row, : len(it.input_ids)] = torch.tensor(it.input_ids)
     labels = torch.tensor([it.label for it in items])
     return {"input_ids": input_ids.to(device), "lengths": lengths.to(device), "labels": labels.to(device)}
+
+
+def _collate_options(items: list[Encoded], pad_id: int, device) -> dict[str, torch.Tensor]:
+    pairs = [(row, k, it.input_ids + list(opt), len(it.input_ids))
+             for row, it in enumerate(items) for k, opt in enumerate(it.options)]
+    batch = collate([Encoded(seq, 0) for _, _, seq, _ in pairs], pad_id, device)
+    columns = {"owner": [p[0] for p in pairs], "slot": [p[1] for p in pairs], "option_start": [p[3] for p in pairs]}
+    return {"input_ids": batch["input_ids"], "lengths": batch["lengths"],
+            "labels": torch.tensor([it.label for it in items], device=device),
+            **{k: torch.tensor(v, device=device) for k, v in columns.items()}}
 
 
 class Batches:

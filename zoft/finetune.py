@@ -28,7 +28,7 @@ from zoft.logging import JsonlLogger, WandbLogger
 from zoft.models import DEFAULT_MODEL, checkpoint_reader, load_model, model_id
 from zoft.noise import NOISE_SOURCES
 from zoft.optimizer import build_optimizer, make_parts
-from zoft.scoring import METRICS, classification_loss, evaluate
+from zoft.scoring import METRICS, classification_loss, evaluate_task
 from zoft.tasks import get_task, jsonl_task, sample_splits
 from zoft.tuner import read_tuner, summarise_scales
 
@@ -82,11 +82,12 @@ class FinetuneConfig(TaskConfig):
     tuner: str = "none"
     seed: int = 0
     eval_every: int = 100
-    mode: str = "full"
+    peft: str = field(default="none", metadata={"help": "none (full-parameter), lora or prefix, through peft"})
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = ""
+    prefix_tokens: int = 5
     output_dir: str = "runs"
     run_name: str | None = None
     save_model: bool = False
@@ -109,9 +110,11 @@ class FinetuneConfig(TaskConfig):
             raise ZoftError(f"estimator must be one of {sorted(ESTIMATORS)}, got {self.estimator!r}")
         if self.noise not in NOISE_SOURCES:
             raise ZoftError(f"noise must be one of {sorted(NOISE_SOURCES)}, got {self.noise!r}")
-        if self.mode not in ("full", "lora"):
-            raise ZoftError(f"mode must be full or lora, got {self.mode!r}")
-        if self.mode == "lora" and (self.lora_r < 1 or not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1):
+        if self.peft not in ("none", "lora", "prefix"):
+            raise ZoftError(f"peft must be none, lora or prefix, got {self.peft!r}")
+        if self.peft == "prefix" and self.prefix_tokens < 1:
+            raise ZoftError(f"prefix-tokens must be >= 1, got {self.prefix_tokens}")
+        if self.peft == "lora" and (self.lora_r < 1 or not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1):
             raise ZoftError("lora needs lora-r >= 1, lora-alpha > 0 and 0 <= lora-dropout < 1")
         if self.report_to not in ("none", "wandb"):
             raise ZoftError(f"report-to must be none or wandb, got {self.report_to!r}")
@@ -153,17 +156,37 @@ def _resolve_tuner(choice: str, model) -> str | None:
 
 
 def _with_adapters(model, cfg):
-    """LoRA through peft; target modules default to peft's choice for the architecture."""
-    if cfg.mode != "lora":
+    """LoRA or prefix tuning through peft; LoRA's target modules default to peft's choice for
+    the architecture."""
+    if cfg.peft == "none":
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
+    if cfg.peft == "prefix":
+        model = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=cfg.prefix_tokens, task_type="CAUSAL_LM"))
+        init_prefix_from_activations(model, cfg.seed)
+        return model
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()] or None
     try:
         return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                 target_modules=targets, task_type="CAUSAL_LM"))
     except ValueError as e:
         raise ZoftError(f"cannot add LoRA adapters: {str(e).splitlines()[0]}") from None
+
+
+@torch.no_grad()
+def init_prefix_from_activations(model, seed: int):
+    """MeZO's prefix initialisation (its App. E.5 calls it crucial for stability): the keys and
+    values the model itself computes for random vocabulary tokens, instead of peft's N(0, 1)
+    draws, which no layer has ever seen. Written in peft's layout: row p of the prefix embedding
+    is [layer, key|value, head, head_dim] flattened."""
+    config, weight = model.active_peft_config, model.prompt_encoder[model.active_adapter].embedding.weight
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, model.get_base_model().config.vocab_size, (1, config.num_virtual_tokens), generator=gen)
+    cache = model.get_base_model()(input_ids=tokens.to(weight.device), use_cache=True).past_key_values
+    per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # [2, heads, P, dim]
+    stacked = torch.stack(per_layer)  # [layers, 2, heads, P, dim]
+    weight.copy_(stacked.permute(3, 0, 1, 2, 4).reshape(config.num_virtual_tokens, -1))
 
 
 def _snapshot_if_small(opt, limit_fraction: float = 0.1):
@@ -217,19 +240,21 @@ def resolve_task(cfg):
 def run(cfg: FinetuneConfig) -> dict:
     task = resolve_task(cfg)
     make_parts(**cfg.method())  # every hyperparameter is checked before anything is loaded
+    if task.generates and cfg.objective != "loss":
+        raise ZoftError(f"objective {cfg.objective} is for classification tasks; {task.name} trains on the answer's loss")
     if cfg.tuner not in ("none", "auto"):
         read_tuner(cfg.tuner)  # a missing or corrupt tuner fails before the model loads
     if cfg.num_dev is None:
         cfg = replace(cfg, num_dev=task.num_dev)
     splits = sample_splits(task, cfg.data_dir, cfg.num_train, cfg.num_dev, cfg.num_test, cfg.data_seed)
-    name = cfg.run_name or f"{Path(cfg.task).name}-{cfg.estimator}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = cfg.run_name or f"{task.name.replace(':', '-')}-{cfg.estimator}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.output_dir) / name
     if run_dir.exists():
         raise ZoftError(f"run directory already exists: {run_dir}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     model, tokenizer = load_model(cfg.model, device=device)
     model = _with_adapters(model, cfg)
-    cand = candidate_token_ids(task, tokenizer).to(device)
+    cand = candidate_token_ids(task, tokenizer, device)
     pad = tokenizer.pad_token_id
     train, dev, test = (encode(task, s, tokenizer, cfg.max_length) for s in (splits.train, splits.dev, splits.test))
     tuner_path = _resolve_tuner(cfg.tuner, model)
@@ -253,14 +278,14 @@ def run(cfg: FinetuneConfig) -> dict:
         if cfg.report_to == "wandb":
             loggers.append(WandbLogger(tmp, config, cfg.wandb_project, name, group=f"{Path(cfg.model).name}/{cfg.task}",
                                        job_type=cfg.estimator,
-                                       tags=[cfg.estimator, opt.perturbation.name, cfg.mode, cfg.noise]))
+                                       tags=[cfg.estimator, opt.perturbation.name, "full" if cfg.peft == "none" else cfg.peft, cfg.noise]))
 
         def log(metrics, step):
             for lg in loggers:
                 lg.log(metrics, step)
 
         def evaluate_on(items):
-            return evaluate(model, items, cand, pad, cfg.eval_batch_size, device)
+            return evaluate_task(model, task, items, cand, tokenizer, cfg.eval_batch_size, device)
 
         start = time.perf_counter()
         test_before = evaluate_on(test)
@@ -273,7 +298,7 @@ def run(cfg: FinetuneConfig) -> dict:
         for step in bar:
             batch = next(batches)
             t0 = time.perf_counter()
-            loss = opt.step(lambda: classification_loss(model, batch, cand, cfg.objective))
+            loss = opt.step(lambda: classification_loss(model, batch, cand, cfg.objective, task.train_loss))
             train_seconds += time.perf_counter() - t0
             forward_passes += opt.last["forward_passes"]
             bar.set_postfix(loss=f"{loss:.3f}", fwd=forward_passes, s_step=f"{train_seconds / (step + 1):.2f}")
@@ -300,6 +325,7 @@ def run(cfg: FinetuneConfig) -> dict:
             tokenizer.save_pretrained(tmp / "model")
         summary = {
             "task": cfg.task, "model": model_id(cfg.model), "method": cfg.estimator, "noise": cfg.noise,
+            "metric": "f1" if task.generates else "accuracy",  # the one under the *_acc keys
             "test_acc_before": test_before["acc"], "test_acc_after": test_after["acc"],
             "selected_step": selected, "best_dev_acc": best_acc, "best_dev_step": best_step,
             "final_dev_acc": final_dev_acc, "steps": cfg.steps, "forward_passes": forward_passes,
@@ -332,10 +358,10 @@ class EvalConfig(TaskConfig):
 def zero_shot(cfg: EvalConfig) -> dict:
     """Accuracy and loss of the model as it is, on the task's test sample (MeZO's protocol)."""
     task = resolve_task(cfg)
-    splits = sample_splits(task, cfg.data_dir, 1, task.num_dev, cfg.num_test, cfg.data_seed)
+    splits = sample_splits(task, cfg.data_dir, 1, task.num_dev, cfg.num_test, cfg.data_seed, for_training=False)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     model, tokenizer = load_model(cfg.model, device=device)
-    cand = candidate_token_ids(task, tokenizer).to(device)
+    cand = candidate_token_ids(task, tokenizer, device)
     items = encode(task, splits.test, tokenizer, cfg.max_length)
-    result = evaluate(model, items, cand, tokenizer.pad_token_id, cfg.eval_batch_size, device)
+    result = evaluate_task(model, task, items, cand, tokenizer, cfg.eval_batch_size, device)
     return {"task": task.name, "model": model_id(cfg.model), "num_test": len(items), **result}

@@ -1,12 +1,21 @@
-"""Classification by candidate scoring, computing only what the loss needs.
+"""Candidate scoring, computing only what the loss needs.
 
 For single-token label words the loss is cross-entropy over the label words' log-probabilities
 at the answer position; the log-normaliser over the vocabulary is shared by all candidates and
 cancels, so only the hidden state at that position times the label words' rows of the output
 embedding is computed: K rows instead of the whole vocabulary at every position.
+
+Otherwise each (prompt, option) sequence is scored by the mean log-probability of the option's
+tokens (MeZO §6.1), with the output layer applied at option positions only. Multiple-choice
+tasks train on the gold option's token loss (§6.2), which needs the gold sequences alone.
 """
 
 from __future__ import annotations
+
+import functools
+import re
+import string
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +24,20 @@ from zoft.data import collate
 from zoft.perturb import perturbed_rows
 
 
+def hidden_states(model, input_ids) -> torch.Tensor:
+    """The decoder's last hidden states. A peft prefix enters as peft feeds it: its virtual
+    tokens' keys and values as a past, attended by every position."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not config.is_prompt_learning:
+        return model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    past = model.get_prompt(batch_size=input_ids.shape[0])
+    mask = torch.ones(input_ids.shape[0], config.num_virtual_tokens + input_ids.shape[1], device=input_ids.device)
+    return model.get_decoder()(input_ids=input_ids, past_key_values=past, attention_mask=mask).last_hidden_state
+
+
 def answer_states(model, batch) -> torch.Tensor:
     """Final hidden state at each prompt's last token, shape (batch, hidden)."""
-    decoder = model.get_decoder()
-    hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
+    hidden = hidden_states(model, batch["input_ids"])
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["lengths"] - 1]
 
 
@@ -29,6 +48,42 @@ def candidate_logits(model, batch, candidate_ids: torch.Tensor) -> torch.Tensor:
     if getattr(head, "bias", None) is not None:
         logits = logits + head.bias[candidate_ids]
     return logits
+
+
+def option_log_likelihoods(model, batch) -> torch.Tensor:
+    """Per (prompt, option) sequence: its option tokens' log-probabilities, summed; and their count."""
+    ids = batch["input_ids"]
+    hidden = hidden_states(model, ids)
+    target = torch.arange(1, ids.shape[1], device=ids.device)[None]  # position of the predicted token
+    scored = (target >= batch["option_start"][:, None]) & (target < batch["lengths"][:, None])
+    rows, cols = scored.nonzero(as_tuple=True)
+    logits = model.get_output_embeddings()(hidden[rows, cols]).float()
+    token_logp = logits.log_softmax(-1).gather(1, ids[rows, cols + 1][:, None]).squeeze(1)
+    sums = torch.zeros(ids.shape[0], device=ids.device).index_add_(0, rows, token_logp)
+    return sums, scored.sum(1)
+
+
+def option_logits(model, batch) -> torch.Tensor:
+    """[examples, most options]: mean option log-likelihoods, −inf where an example has fewer."""
+    sums, counts = option_log_likelihoods(model, batch)
+    out = torch.full((len(batch["labels"]), int(batch["slot"].max()) + 1), float("-inf"), device=sums.device)
+    out[batch["owner"], batch["slot"]] = sums / counts
+    return out
+
+
+def gold_option_loss(model, batch) -> torch.Tensor:
+    """Teacher-forced LM loss of the gold options (prompt tokens masked), per token."""
+    gold = batch["slot"] == batch["labels"][batch["owner"]]
+    sub = {k: batch[k][gold] for k in ("input_ids", "lengths", "option_start")}
+    longest = int(sub["lengths"].max())
+    sums, counts = option_log_likelihoods(model, {**sub, "input_ids": sub["input_ids"][:, :longest]})
+    return -sums.sum() / counts.sum()
+
+
+def task_logits(model, batch, candidate_ids) -> torch.Tensor:
+    if candidate_ids is None:
+        return option_logits(model, batch)
+    return candidate_logits(model, batch, candidate_ids).float()
 
 
 def accuracy(predictions: torch.Tensor, golds: torch.Tensor) -> float:
@@ -51,8 +106,12 @@ def macro_f1(predictions: torch.Tensor, golds: torch.Tensor) -> float:
 METRICS = {"accuracy": accuracy, "f1": macro_f1}
 
 
-def classification_loss(model, batch, candidate_ids, objective: str = "loss") -> torch.Tensor:
-    logits = candidate_logits(model, batch, candidate_ids).float()
+def classification_loss(model, batch, candidate_ids, objective: str = "loss", train_loss: str = "choice"):
+    """The training objective: ``train_loss`` "choice" (cross-entropy over the candidates) or
+    "lm" (the gold option's token loss) when ``objective`` is "loss", else −metric."""
+    if objective == "loss" and train_loss == "lm":
+        return gold_option_loss(model, batch)
+    logits = task_logits(model, batch, candidate_ids)
     if objective == "loss":
         return F.cross_entropy(logits, batch["labels"])
     return torch.tensor(-METRICS[objective](logits.argmax(-1), batch["labels"]))
@@ -60,12 +119,92 @@ def classification_loss(model, batch, candidate_ids, objective: str = "loss") ->
 
 @torch.inference_mode()
 def evaluate(model, items, candidate_ids, pad_id: int, batch_size: int = 32, device="cpu") -> dict:
-    """Accuracy and mean loss; batches are sorted by length so padding stays small."""
+    """Accuracy and mean cross-entropy over the candidates. Batches are sorted by length so
+    padding stays small, and hold at most ``batch_size`` sequences (an example with K options is
+    K sequences)."""
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    groups, size = [[]], 0
+    for i in order:
+        n = len(items[i].options) if items[i].options is not None else 1
+        if groups[-1] and size + n > batch_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(items[i])
+        size += n
     correct, loss_sum = 0, 0.0
-    for start in range(0, len(order), batch_size):
-        batch = collate([items[i] for i in order[start : start + batch_size]], pad_id, device)
-        logits = candidate_logits(model, batch, candidate_ids).float()
+    for group in groups:
+        batch = collate(group, pad_id, device)
+        logits = task_logits(model, batch, candidate_ids)
         loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
         correct += (logits.argmax(-1) == batch["labels"]).sum().item()
     return {"acc": correct / max(1, len(items)), "loss": loss_sum / max(1, len(items))}
+
+
+def normalise_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    pred, ref = normalise_answer(prediction).split(), normalise_answer(gold).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def answer_scores(prediction: str, golds) -> tuple[float, float]:
+    """(token F1, exact match) against the best-matching gold answer."""
+    return (max(token_f1(prediction, g) for g in golds),
+            max(float(normalise_answer(prediction) == normalise_answer(g)) for g in golds))
+
+
+@functools.lru_cache(maxsize=4)
+def _stop_ids(tokenizer) -> list[int]:
+    """Tokens holding a newline, and end-of-text: decoding stops at any of them. Decoding the
+    whole vocabulary once per tokenizer, not at every evaluation."""
+    ids = [i for i, text in enumerate(tokenizer.batch_decode([[i] for i in range(len(tokenizer))])) if "\n" in text]
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+@torch.inference_mode()
+def generate_answers(model, items, tokenizer, batch_size: int = 8, max_new_tokens: int = 50) -> list[str]:
+    """Greedy decoding from left-padded prompts, each answer cut at its first newline (MeZO)."""
+    device = next(model.parameters()).device
+    stop_ids = _stop_ids(tokenizer)
+    answers = []
+    for start in range(0, len(items), batch_size):
+        prompts = [it.input_ids for it in items[start : start + batch_size]]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        answers += [t.split("\n", 1)[0].strip() for t in texts]
+    return answers
+
+
+def evaluate_generation(model, items, tokenizer, batch_size: int = 8, max_new_tokens: int = 50) -> dict:
+    """Mean token F1 (also under "acc": the task's metric, which selection and summaries read),
+    exact match, and the gold answers' token loss."""
+    predictions = generate_answers(model, items, tokenizer, batch_size, max_new_tokens)
+    scores = [answer_scores(p, it.answers) for p, it in zip(predictions, items)]
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        losses = [gold_option_loss(model, collate(items[i : i + batch_size], tokenizer.pad_token_id, device)).item()
+                  * len(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+    n = max(1, len(items))
+    f1 = sum(f for f, _ in scores) / n
+    return {"acc": f1, "f1": f1, "em": sum(e for _, e in scores) / n, "loss": sum(losses) / n}
+
+
+def evaluate_task(model, task, items, candidate_ids, tokenizer, batch_size: int = 32, device="cpu") -> dict:
+    """The task's metric under "acc" (accuracy; token F1 for generation tasks) and a loss."""
+    if task.generates:
+        return evaluate_generation(model, items, tokenizer, max(1, batch_size // 4))
+    return evaluate(model, items, candidate_ids, tokenizer.pad_token_id, batch_size, device)

@@ -1,4 +1,11 @@
-"""Tasks: how to read rows, how to render the prompt, the candidate label words.
+"""Tasks: how to read rows, how to render the prompt, the candidates that may follow it.
+
+Three families: ``ClassificationTask`` (the same label words after every prompt; trained by
+cross-entropy over the candidates' scores, MeZO §6.1), ``ChoiceTask`` (each example brings its
+own options, as in COPA and ReCoRD; trained by the teacher-forced LM loss of the gold option,
+MeZO §6.2) and ``GenerationTask`` (SQuAD, DROP: trained by the LM loss of the first gold answer,
+evaluated by greedy decoding with token F1 and exact match). The first two predict the
+candidate with the highest mean token log-likelihood.
 
 Data comes from a local folder (``--data-dir``, the layout of the official files) or, for hub
 tasks, through ``datasets`` when online. Sampling follows MeZO: a seeded permutation of the
@@ -25,10 +32,18 @@ from zoft.errors import ZoftError
 class Example:
     fields: dict
     label: int
+    options: tuple[str, ...] = ()  # a ChoiceTask's candidates for this example
+
+
+class _Templated:
+    """A task whose prompt is its template filled with the example's fields."""
+
+    def render(self, example: Example) -> str:
+        return self.template.format(**example.fields)
 
 
 @dataclass(frozen=True)
-class ClassificationTask:
+class ClassificationTask(_Templated):
     """Candidate scoring: the prompt is followed by one of ``label_words`` (index = label)."""
 
     name: str
@@ -36,9 +51,26 @@ class ClassificationTask:
     label_words: tuple[str, ...]
     load: object  # (data_dir | None) -> (train pool, validation pool)
     num_dev: int = 500  # MeZO's dev size (100 for the small CB)
+    train_loss = "choice"  # cross-entropy over the candidates
+    generates = False
 
-    def render(self, example: Example) -> str:
-        return self.template.format(**example.fields)
+    def options(self, example: Example) -> tuple[str, ...]:
+        return self.label_words
+
+
+@dataclass(frozen=True)
+class ChoiceTask(_Templated):
+    """Multiple choice: the prompt is followed by one of the example's own options (index = label)."""
+
+    name: str
+    template: str
+    load: object
+    num_dev: int = 500
+    train_loss = "lm"  # the gold option's token loss, prompt masked
+    generates = False
+
+    def options(self, example: Example) -> tuple[str, ...]:
+        return example.options
 
 
 def _split_of(text: str, validation_percent: int = 20) -> str:
@@ -151,8 +183,70 @@ def _multirc(row):
             for q in passage["questions"] for a in q["answers"]]
 
 
+@dataclass(frozen=True)
+class GenerationTask(_Templated):
+    """Free-form answers: the prompt is followed by " {answer}\n"; ``Example.options`` holds
+    every gold answer, the first is the training target."""
+
+    name: str
+    template: str
+    load: object
+    num_dev: int = 500
+    train_loss = "lm"
+    generates = True
+
+    def options(self, example: Example) -> tuple[str, ...]:
+        return (f" {example.options[0]}\n",)
+
+
+def _squad(row):
+    answers = tuple(dict.fromkeys(a.strip() for a in row["answers"]["text"] if a.strip()))
+    fields = {k: row[k].strip() for k in ("title", "context", "question")}
+    return [Example(fields, 0, answers)] if answers else []
+
+
+def _drop(row):
+    answers = tuple(dict.fromkeys(a.strip() for a in row["answers_spans"]["spans"] if a.strip()))
+    return [Example({"context": row["passage"].strip(), "question": row["question"].strip()}, 0, answers)] if answers else []
+
+
+def _copa(row):
+    """MeZO's COPA: the premise without its full stop, "because" (cause) or "so" (effect), then a
+    choice with its first letter lower-cased (except "I")."""
+    def lowered(choice):
+        return choice if choice.split(" ", 1)[0] == "I" else choice[0].lower() + choice[1:]
+
+    connective = {"cause": "because", "effect": "so"}[row["question"]]
+    return [Example({"premise": row["premise"].strip().rstrip("."), "connective": connective},
+                    _label(row["label"], ()), tuple(" " + lowered(row[k].strip()) for k in ("choice1", "choice2")))]
+
+
+def _record(row):
+    """ReCoRD, GPT-3 style: the passage with its highlights as a list, then the query with each
+    candidate entity in place of @placeholder. One example per query; the gold option is the first
+    entity (in sorted order) among the answers. The official files nest queries under "qas" and
+    give entities as inclusive character spans; the hub gives one query per row."""
+    if "qas" in row:
+        text = row["passage"]["text"]
+        entities = {text[e["start"] : e["end"] + 1] for e in row["passage"]["entities"]}
+        queries = [(q["query"], {a["text"] for a in q.get("answers", [])}) for q in row["qas"]]
+    else:
+        text, entities, queries = row["passage"], set(row["entities"]), [(row["query"], set(row["answers"]))]
+    passage = text.replace("@highlight\n", "- ")
+    examples = []
+    for query, answers in queries:
+        options = sorted(entities)
+        gold = [i for i, e in enumerate(options) if e in answers]
+        if not gold:  # no answer among the entities: nothing to learn or score
+            continue
+        examples.append(Example({"passage": passage}, gold[0],
+                                tuple(" " + query.replace("@placeholder", e) for e in options)))
+    return examples
+
+
 def _superglue(folder: str, hub: tuple, to_examples):
-    """Loader for the official SuperGLUE files (``<data_dir>/<folder>/{train,val}.jsonl``) or the hub."""
+    """Loader for ``<data_dir>/<folder>/{train,val}.jsonl`` (the official SuperGLUE files; for
+    SQuAD and DROP, the hub dataset's rows, one per line) or the hub."""
 
     def load(data_dir=None):
         if data_dir is None:
@@ -207,6 +301,12 @@ TASKS = {
     "multirc": ClassificationTask(
         "multirc", '{paragraph}\nQuestion: {question}\nI found this answer "{answer}". Is that correct? Yes or No?\n',
         ("No", "Yes"), _superglue("MultiRC", ("super_glue", "multirc"), _multirc)),
+    "copa": ChoiceTask("copa", "{premise} {connective}", _superglue("COPA", ("super_glue", "copa"), _copa), num_dev=100),
+    "squad": GenerationTask("squad", "Title: {title}\nContext: {context}\nQuestion: {question}\nAnswer:",
+                            _superglue("SQuAD", ("squad",), _squad)),
+    "drop": GenerationTask("drop", "Passage: {context}\nQuestion: {question}\nAnswer:",
+                           _superglue("DROP", ("drop",), _drop)),
+    "record": ChoiceTask("record", "{passage}\n-", _superglue("ReCoRD", ("super_glue", "record"), _record)),
 }
 
 
@@ -244,10 +344,10 @@ def jsonl_task(path: str, template: str, labels: str, label_field: str = "label"
                 pools[_split_of(line.strip())].append(example)
         return pools["train"], pools["validation"]
 
-    return ClassificationTask(f"jsonl:{Path(path).name}", template, label_words, load)
+    return ClassificationTask(f"jsonl:{Path(path).name}", template, label_words, load, num_dev=100)
 
 
-def get_task(name: str) -> ClassificationTask:
+def get_task(name: str) -> ClassificationTask | ChoiceTask | GenerationTask:
     if name.startswith("jsonl:"):
         raise ZoftError("a jsonl task needs --template and --labels (see zoft finetune --help)")
     if name not in TASKS:
@@ -262,7 +362,8 @@ class Splits:
     test: list[Example]
 
 
-def sample_splits(task, data_dir, num_train: int, num_dev: int, num_test: int, seed: int) -> Splits:
+def sample_splits(task, data_dir, num_train: int, num_dev: int, num_test: int, seed: int,
+                  for_training: bool = True) -> Splits:
     if data_dir is not None and not Path(data_dir).is_dir():
         raise ZoftError(f"data dir not found: {data_dir}")
     train_pool, validation_pool = task.load(data_dir)
@@ -274,6 +375,6 @@ def sample_splits(task, data_dir, num_train: int, num_dev: int, num_test: int, s
     dev = drawn[len(drawn) - num_dev :] if num_dev else []
     train = drawn[: len(drawn) - len(dev)]
     test_idx = rng.sample(range(len(validation_pool)), min(num_test, len(validation_pool)))
-    if not train:
+    if for_training and not train:
         raise ZoftError(f"{task.name}: no training examples left after taking {num_dev} for dev")
     return Splits(train, dev, [validation_pool[i] for i in test_idx])
