@@ -1,12 +1,15 @@
 """The outer step: a one-step look-ahead meta-gradient for the learned perturbation scales.
 
-At θ, with the step's seed and the tuner's scales σ (differentiable) and normaliser c (not):
-    L± = L(θ ± ε r_b c σ_b z_b)                        (no gradient, the engine's hooks)
-    θ′_b = θ_b − η_u · k_b · c σ_b · z_b               (k_b: the estimator's coefficient)
+At θ, with the step's seed and the tuner's normalised scales s = cσ (differentiable, c too):
+    L± = L(θ ± ε r_b s_b z_b)                          (no gradient, the engine's hooks)
+    θ′_b = θ_b − η_u · k_b · s_b · z_b                 (k_b: the estimator's coefficient)
     meta-loss = L(θ′)                                   (autograd through σ only)
-so ∂meta-loss/∂σ_b = −η_u k_b c ⟨∇_b L(θ′), z_b⟩: each block's network learns from its own
-block (a hypergradient on the step size along a random direction). θ′ is built with
-``torch.func.functional_call``: the model itself is never copied or written.
+With G_b = −η_u k_b ⟨∇_b L(θ′), z_b⟩, ∂meta-loss/∂σ_b = c G_b − (c d̃_b σ_b / Σ d̃σ²) Σ_j σ_j G_j:
+a hypergradient on each block's step size along a random direction, less its share of the
+budget Σ d̃_b s_b² = Σ d̃_b that the normalisation holds fixed. (The reference code detaches c;
+then E[∂/∂σ_b] < 0 for every block, every σ grows and the budget is reallocated only by
+accident of the growth rates.) θ′ is built with ``torch.func.functional_call``: the model
+itself is never copied or written.
 """
 
 from __future__ import annotations
@@ -32,14 +35,14 @@ def direction(opt, seed: int, block) -> torch.Tensor:
 
 
 def lookahead_loss(opt, loss_fn, batch, seed: int, state, prev_losses, lr_update: float, step: int = 0):
-    """(meta-loss with a graph to the tuner, L⁺, L⁻, raw σ, effective scales cσ) at the model's
+    """(meta-loss with a graph to the tuner, L⁺, L⁻, raw σ, effective scales s = cσ) at the model's
     weights.
 
     ``opt`` is a ZOOptimizer whose perturbation is a LearnedScale: its estimator, noise and
     hooks are the ones fine-tuning will use, so the tuner fits the estimator it serves."""
     est, learned, blocks = opt.estimator, opt.perturbation, opt.blocks
     sigma = learned.sigma(state, prev_losses)  # differentiable
-    scale = learned.normaliser(sigma).float() * sigma  # c detached: no gradient through it
+    scale = learned.normalised(sigma).float()
     radii = est.radii(seed, len(blocks), step)
     plus = (est.eps * torch.tensor(radii, device=scale.device) * scale.detach()).tolist()
     losses = []

@@ -52,11 +52,15 @@ class MetaTrainConfig:
     estimator: str = "spsa"
     kernel_order: int = 4
     lr_update: float = 1e-6
-    lr_tuner: float = 1e-3
+    lr_tuner: float = 1e-2
+    tuner_optimizer: str = field(default="adam", metadata={
+        "help": "adam or sgd (the reference's); the meta-gradient's size swings 50x between steps"})
     lr_llm: float = 1e-5
     momentum: float = 0.8
     clip: float = 1.0
     dim_rule: str = "reference"
+    start: str = field(default="isotropic", metadata={
+        "help": "the tuner's initial σ: isotropic (σ ≈ 1, MeZO's perturbation) or random (nn.Linear's init)"})
     max_length: int = 256
     seed: int = 0
     report_to: str = field(default="none", metadata={"help": "none or wandb (offline unless a key is set)"})
@@ -73,6 +77,10 @@ class MetaTrainConfig:
                 raise ZoftError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.report_to not in ("none", "wandb"):
             raise ZoftError(f"report-to must be none or wandb, got {self.report_to!r}")
+        if self.tuner_optimizer not in ("adam", "sgd"):
+            raise ZoftError(f"tuner-optimizer must be adam or sgd, got {self.tuner_optimizer!r}")
+        if self.start not in ("isotropic", "random"):
+            raise ZoftError(f"start must be isotropic or random, got {self.start!r}")
         if not 0 <= self.momentum < 1:
             raise ZoftError(f"momentum must be in [0, 1), got {self.momentum}")
 
@@ -100,11 +108,12 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
         candidates[task.name] = candidate_token_ids(task, tokenizer)
 
     learned = LearnedScale(LearnedScaleConfig(dim_rule=cfg.dim_rule, batch_size=cfg.batch_size),
-                           net=BlockMLPs(len(collect_blocks(model)), seed=cfg.seed))
+                           net=BlockMLPs(len(collect_blocks(model)), seed=cfg.seed, start=cfg.start))
     # the fine-tuning machinery (blocks, noise, hooks, estimator) that the tuner is fitted to
     blocks_opt = ZOOptimizer(model, estimator, learned, zoft.updates.SGD(zoft.updates.SGDConfig()))
     blocks = blocks_opt.blocks
-    tuner_opt = torch.optim.SGD(learned.net.parameters(), lr=cfg.lr_tuner)
+    tuner_opt = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[cfg.tuner_optimizer](
+        learned.net.parameters(), lr=cfg.lr_tuner)
     initial = [b.param.detach().cpu().clone() for b in blocks]  # θ₀, restored at each restart
     sigma_prev = {t.name: torch.ones(len(blocks)) for t in tasks}
     prev_losses: dict[str, tuple[float, float] | None] = {t.name: None for t in tasks}
@@ -137,8 +146,8 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
         task = tasks[step % len(tasks)]
         batch = next(streams[task.name])
 
-        def loss_fn(m, b, cand=candidates[task.name]):
-            return classification_loss(m, b, cand)
+        def loss_fn(m, b, cand=candidates[task.name], train_loss=task.train_loss):
+            return classification_loss(m, b, cand, train_loss=train_loss)
 
         model.eval()
         state = LearnedState(sigma_prev[task.name], _block_stats(blocks))
@@ -146,6 +155,7 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
                                              prev_losses[task.name], cfg.lr_update, step)
         tuner_opt.zero_grad(set_to_none=True)
         meta.backward()
+        tuner_grad = torch.cat([p.grad.flatten() for p in learned.net.parameters()]).norm().item()
         tuner_opt.step()
         sigma_prev[task.name] = sigma
         prev_losses[task.name] = (lp, lm)
@@ -161,7 +171,7 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
         for b in blocks:
             b.param.grad = None
         record = {"step": step + 1, "task": task.name, "meta_loss": meta.item(), "loss_plus": lp,
-                  "loss_minus": lm, "fo_loss": loss.item(), "sigma_min": scale.min().item(),
+                  "loss_minus": lm, "fo_loss": loss.item(), "tuner_grad": tuner_grad, "sigma_min": scale.min().item(),
                   "sigma_max": scale.max().item(), "seconds": time.perf_counter() - started}
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
@@ -191,18 +201,31 @@ def _write_card(out: Path, cfg: MetaTrainConfig, num_blocks: int):
 
     records = [json.loads(x) for x in (out / "meta_train.jsonl").read_text().splitlines() if x.strip()]
     window = max(1, len(records) // 20)
-    smooth = [sum(r["meta_loss"] for r in records[max(0, i - window + 1) : i + 1]) / len(records[max(0, i - window + 1) : i + 1])
-              for i in range(len(records))]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in records], smooth)
-    ax.set(xlabel="meta-training step", ylabel=f"look-ahead loss (mean of {window})", title=out.name)
-    ax.grid(alpha=0.3)
+
+    def smooth(values):
+        return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+                for i in range(len(values))]
+
+    # L(θ′) − L(θ) on the same batch: what the tuner's scales bought the look-ahead step (the
+    # losses themselves follow the LLM's trajectory and the task mix)
+    gain = smooth([r["meta_loss"] - r["fo_loss"] for r in records])
+    steps = [r["step"] for r in records]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+    top.plot(steps, smooth([r["meta_loss"] for r in records]))
+    top.set(ylabel="look-ahead loss L(θ′)", title=f"{out.name} (means of {window} steps)")
+    bottom.plot(steps, gain)
+    bottom.axhline(0, color="grey", lw=0.8)
+    bottom.set(xlabel="meta-training step", ylabel="L(θ′) − L(θ)")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "meta_train_curve.png", dpi=110)
     plt.close(fig)
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
                      if v not in (None, "") and k not in ("report_to", "wandb_project"))
-    hours = records[-1]["seconds"] / 3600 if records else 0.0
+    minutes = records[-1]["seconds"] / 60 if records else 0.0
+    periods = [records[i : i + cfg.restart_every] for i in range(0, len(records), cfg.restart_every)]
+    period_gains = [sum(r["meta_loss"] - r["fo_loss"] for r in p) / len(p) for p in periods]
     (out / "README.md").write_text(f"""# Perturbation tuner: {out.name}
 
 Base model: {model_id(cfg.model)} ({num_blocks} blocks). Meta-trained for the `{cfg.estimator}`
@@ -213,13 +236,16 @@ Made with:
     zoft meta-train {flags}
 
 {cfg.steps} steps, restart every {cfg.restart_every}; the last session's wall time was
-{hours:.2f} h (the steps of a resumed run are counted from its start).
+{minutes:.0f} min (the steps of a resumed run are counted from its start).
 
 ![meta-training curve](meta_train_curve.png)
 
-Look-ahead loss, first and last {window} steps: {smooth[window - 1] if records else float('nan'):.4f} →
-{smooth[-1] if records else float('nan'):.4f}. Evaluation on tasks not used here: see the
-repository's `bench/convergence.py`.
+Look-ahead gain L(θ′) − L(θ) (the loss change of one ZO step of lr {cfg.lr_update:g} with the
+tuner's scales, on the step's batch), mean of the first and last {window} steps:
+{gain[window - 1] if records else float('nan'):+.4f} → {gain[-1] if records else float('nan'):+.4f}.
+Mean L(θ′) − L(θ) per restart period (the LLM replays from θ₀ each period; the first starts
+from isotropic scales): {", ".join(f"{g:+.4f}" for g in period_gains)}.
+Evaluation on tasks not used here: see the repository's `bench/convergence.py`.
 """)
 
 

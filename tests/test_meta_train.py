@@ -38,10 +38,12 @@ def test_meta_gradient_matches_its_closed_form_and_reaches_only_the_tuner(estima
     assert all(p.grad is None for p in opt.model.parameters())
     assert net.b2.grad is not None and net.b2.grad.abs().sum() > 0
 
-    # closed form: d meta / d σ_b = c · (−η_u k_b ⟨∇_b L(θ′), z_b⟩), σ_b = |b2_b|
+    # closed form, s_b = c σ_b and G_b = ∂meta/∂s_b = −η_u k_b ⟨∇_b L(θ′), z_b⟩:
+    # ∂meta/∂σ_b = c G_b − (c d̃_b σ_b / Σ d̃σ²) Σ_j σ_j G_j, then × sign(b2_b) for σ_b = |b2_b|
     blocks = opt.blocks
     sigma = net.b2.detach().abs().squeeze(-1)
-    c = opt.perturbation.normaliser(sigma).float()
+    dims = opt.perturbation.dims.float()
+    c = (dims.sum() / (dims * sigma**2).sum()).sqrt()
     radii = opt.estimator.radii(seed, len(blocks), 0)
     k = torch.tensor(opt.estimator.coefficients(lp, lm, radii, 0))
     z = {b.name: direction(opt, seed, b) for b in blocks}
@@ -49,8 +51,11 @@ def test_meta_gradient_matches_its_closed_form_and_reaches_only_the_tuner(estima
              for b in blocks}
     loss = functional_call(opt.model, moved, (IDS,), {"labels": IDS}, strict=False).loss
     grads = torch.autograd.grad(loss, list(moved.values()))
-    expected = torch.stack([c * (-lr_update * k[b.index] * (g * z[b.name]).sum()) for b, g in zip(blocks, grads)])
+    g_scale = torch.stack([-lr_update * k[b.index] * (g * z[b.name]).sum() for b, g in zip(blocks, grads)])
+    expected = c * g_scale - c * dims * sigma / (dims * sigma**2).sum() * (sigma * g_scale).sum()
     expected = expected * torch.sign(net.b2.detach().squeeze(-1))
+    # the normalisation makes σ's overall size free: the meta-gradient has no component along σ
+    assert abs(float((expected * net.b2.detach().squeeze(-1)).sum())) < 1e-6 * float(expected.abs().sum())
     torch.testing.assert_close(net.b2.grad.squeeze(-1), expected, rtol=1e-3, atol=1e-9)
     torch.testing.assert_close(scale, c * sigma)
     torch.testing.assert_close(raw, sigma)
@@ -62,13 +67,13 @@ def test_meta_training_changes_the_tuner_writes_a_loadable_artifact_and_resumes(
     from zoft.tuner import load_tuner, read_tuner
 
     base = dict(output=str(tmp_path / "tuner"), model=str(tiny_model_dir), tasks="tweets", restart_every=2,
-                batch_size=4, num_train=16, lr_update=1e-2, lr_tuner=1.0)
+                batch_size=4, num_train=16, lr_update=1e-2)
     records = []
     path = meta_train(MetaTrainConfig(**base, steps=2), log=records.append)
     first, meta = read_tuner(path)
     assert [r["step"] for r in records] == [1, 2] and meta["meta_train_step"] == "2"
-    initial = BlockMLPs(first["w1"].shape[0], seed=0)
-    assert not torch.equal(first["b2"], initial.b2.detach())  # the tuner moved
+    initial = BlockMLPs(first["w1"].shape[0], seed=0, start="isotropic")
+    assert not torch.equal(first["w2"], initial.w2.detach())  # the tuner moved
     model, _ = load_model(str(tiny_model_dir))
     load_tuner(path, collect_blocks(model))  # loadable for the model it was made for
     meta_train(MetaTrainConfig(**base, steps=4), log=records.append)  # resumes at step 2
@@ -80,6 +85,24 @@ def test_meta_training_changes_the_tuner_writes_a_loadable_artifact_and_resumes(
     assert (tmp_path / "tuner" / "meta_train_curve.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(zoft.ZoftError, match="other settings"):
         meta_train(MetaTrainConfig(**{**base, "lr_tuner": 0.5}, steps=6))
+
+
+@pytest.mark.parametrize("flag, value, message", [("start", "zeros", "start must be isotropic or random"),
+                                                  ("tuner_optimizer", "lbfgs", "tuner-optimizer must be adam or sgd"),
+                                                  ("lr_tuner", 0.0, "lr-tuner must be > 0")])
+def test_meta_train_config_errors(flag, value, message):
+    from meta_train.train import MetaTrainConfig
+
+    with pytest.raises(zoft.ZoftError, match=message):
+        MetaTrainConfig(output="x", **{flag: value})
+
+
+def test_isotropic_start_gives_sigma_near_one_for_any_input():
+    net = BlockMLPs(5, seed=3, start="isotropic")
+    x = torch.randn(5, 5) * torch.tensor([1.0, 1e-3, 3.0, 3.0, 2.0])
+    torch.testing.assert_close(net(x), torch.ones(5), atol=0.05, rtol=0)
+    random = BlockMLPs(5, seed=3)(x)
+    assert (random - 1).abs().max() > 0.2  # nn.Linear's init: an arbitrary spread
 
 
 def test_zoft_never_imports_meta_train():

@@ -92,16 +92,18 @@ class LearnedScale:
         x = torch.cat([state.stats, losses, state.sigma_prev.detach()[:, None]], dim=1)
         return self.net(x.to(self.net.w1.dtype))
 
-    def normaliser(self, sigma: torch.Tensor) -> torch.Tensor:
-        energy = (self.dims * sigma.detach().double() ** 2).sum()
+    def normalised(self, sigma: torch.Tensor) -> torch.Tensor:
+        """cσ with c = sqrt(Σ d̃_b / Σ d̃_b σ_b²), differentiable in σ: through c, a meta-gradient
+        moves the perturbation budget between blocks instead of inflating every σ."""
+        energy = (self.dims * sigma.double() ** 2).sum()
         if not energy > 0:
             raise ZoftError("the tuner gives σ = 0 to every block; nothing would be perturbed")
-        return (self.dims.sum() / energy).sqrt()
+        return (self.dims.sum() / energy).sqrt() * sigma.double()
 
     def scales(self, blocks, state: LearnedState, *, prev_losses=None, **context):
         with torch.no_grad():
             sigma = self.sigma(state, prev_losses)
-            effective = (self.normaliser(sigma) * sigma.double()).tolist()  # the step's one sync
+            effective = self.normalised(sigma).tolist()  # the step's one sync
         return effective, replace(state, sigma_prev=sigma.detach())
 
     def observe(self, state: LearnedState, block_stats: torch.Tensor) -> LearnedState:

@@ -29,9 +29,14 @@ TENSORS = ("w1", "b1", "w2", "b2")
 
 
 class BlockMLPs(nn.Module):
-    """n independent MLPs (no weight sharing), evaluated together."""
+    """n independent MLPs (no weight sharing), evaluated together.
 
-    def __init__(self, num_blocks: int, hidden: int = HIDDEN, seed: int = 0):
+    ``start="random"`` is nn.Linear's default initialisation (the reference's): on SmolLM2 its
+    σ span 0.004–3.2 across blocks before any training, an arbitrary allocation. ``"isotropic"``
+    shrinks the output layer and sets its bias to 1, so σ ≈ 1 for every block at any input:
+    meta-training then starts from MeZO's perturbation, and every departure from it is learned."""
+
+    def __init__(self, num_blocks: int, hidden: int = HIDDEN, seed: int = 0, start: str = "random"):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         features = len(FEATURES)
@@ -44,6 +49,12 @@ class BlockMLPs(nn.Module):
         self.b1 = uniform(num_blocks, hidden, fan_in=features)
         self.w2 = uniform(num_blocks, 1, hidden, fan_in=hidden)
         self.b2 = uniform(num_blocks, 1, fan_in=hidden)
+        if start == "isotropic":
+            with torch.no_grad():
+                self.w2.mul_(0.01)
+                self.b2.fill_(1.0)
+        elif start != "random":
+            raise ZoftError(f"tuner start must be random or isotropic, got {start!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [n, 5] → σ [n]."""
