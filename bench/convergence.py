@@ -4,7 +4,9 @@
 
 Every method runs the same lr × eps grid on the first task and seed; the best setting of each
 method there (final dev accuracy, then dev loss) then runs on every task and seed, so the other
-tasks also show whether the setting transfers. All runs go through
+tasks also show whether the setting transfers. The tuner methods take the setting of the method
+they modify (``like``) instead of a grid of their own: the tuner's normalisation keeps the total
+perturbation energy of the isotropic direction, so lr and eps mean the same thing. All runs go through
 ``zoft.finetune.run`` (the CLI's code path) with the same data sample. Finished runs are skipped,
 so a killed benchmark resumes. Writes ``convergence.json`` and ``convergence.png``.
 
@@ -27,9 +29,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from zoft.finetune import FinetuneConfig, run  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TUNER = str(Path(__file__).resolve().parents[1] / "pretrained_tuners" / "smollm2-135m-instruct")
 METHODS = {
     "spsa": {"estimator": "spsa"},
     "kernel": {"estimator": "kernel", "kernel_order": 4},
+    "tuner": {"estimator": "spsa", "tuner": TUNER, "like": "spsa"},
+    "tuner+kernel": {"estimator": "kernel", "kernel_order": 4, "tuner": TUNER, "like": "kernel"},
 }
 
 
@@ -46,7 +51,7 @@ def one_run(out: Path, task: str, method: str, lr: float, eps: float, seed: int,
         cfg = FinetuneConfig(task=task, data_dir=str(SHARED_DATA) if task == "sst2" else None,
                              steps=args.steps, lr=lr, eps=eps, seed=seed, eval_every=args.eval_every,
                              num_dev=args.num_dev, num_test=args.num_test, output_dir=str(out / "runs"),
-                             run_name=name, **METHODS[method])
+                             run_name=name, **{k: v for k, v in METHODS[method].items() if k != "like"})
         print(f"== {name}", file=sys.stderr, flush=True)
         run(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -70,6 +75,15 @@ def spread(values):
             "values": values}
 
 
+def add_budget_args(ap):
+    """Seeds and the per-run budget, shared with the scripts that add runs to this benchmark."""
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--num-dev", type=int, default=200)
+    ap.add_argument("--num-test", type=int, default=500)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/convergence")
@@ -77,16 +91,14 @@ def main():
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--lrs", nargs="+", type=float, default=[1e-5, 3e-5])
     ap.add_argument("--epss", nargs="+", type=float, default=[1e-3, 1e-2])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--num-dev", type=int, default=200)
-    ap.add_argument("--num-test", type=int, default=500)
+    add_budget_args(ap)
     args = ap.parse_args()
     out = Path(args.out)
     result = {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "grid": {}, "tasks": {}}
     best = {}
     for method in args.methods:
+        if "like" in METHODS[method]:
+            continue
         grid = [one_run(out, args.tasks[0], method, lr, eps, args.seeds[0], args)
                 for lr, eps in itertools.product(args.lrs, args.epss)]
         best[method] = max(grid, key=lambda r: (r["final_dev_acc"], -r["curve"][-1][2]))
@@ -94,7 +106,8 @@ def main():
     for task in args.tasks:
         per_method = {}
         for method in args.methods:
-            lr, eps = best[method]["lr"], best[method]["eps"]
+            setting = best[METHODS[method].get("like", method)]
+            lr, eps = setting["lr"], setting["eps"]
             runs = [one_run(out, task, method, lr, eps, s, args) for s in args.seeds]
             per_method[method] = {
                 "best": {"lr": lr, "eps": eps},
