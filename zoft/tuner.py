@@ -145,8 +145,11 @@ def summarise_scales(blocks, scales) -> dict[str, float]:
 
 
 def shipped_tuners() -> list[Path]:
-    root = Path(__file__).resolve().parents[1] / "pretrained_tuners"
-    return sorted(root.glob("*/tuner.safetensors"))
+    """The tuners in pretrained_tuners/: beside the package in an install (the wheel puts them
+    there), at the repository root in a source checkout."""
+    here = Path(__file__).resolve().parent
+    return sorted(p for root in (here / "pretrained_tuners", here.parent / "pretrained_tuners")
+                  for p in root.glob("*/tuner.safetensors"))
 
 
 def find_shipped(blocks) -> Path | None:
