@@ -4,9 +4,10 @@
 
 Every method runs the same lr × eps grid on the first task and seed; the best setting of each
 method there (final dev accuracy, then dev loss) then runs on every task and seed, so the other
-tasks also show whether the setting transfers. The tuner methods take the setting of the method
-they modify (``like``) instead of a grid of their own: the tuner's normalisation keeps the total
-perturbation energy of the isotropic direction, so lr and eps mean the same thing. All runs go through
+tasks also show whether the setting transfers. The tuner methods get their own grid too: the
+tuner's normalisation keeps the total perturbation energy of the isotropic direction, but it moves
+that energy onto a few blocks, where a large eps leaves the linear regime (it was meta-trained at
+eps 1e-3) and a large lr becomes unstable. All runs go through
 ``zoft.finetune.run`` (the CLI's code path) with the same data sample. Finished runs are skipped,
 so a killed benchmark resumes. Writes ``convergence.json`` and ``convergence.png``.
 
@@ -33,8 +34,8 @@ TUNER = str(Path(__file__).resolve().parents[1] / "pretrained_tuners" / "smollm2
 METHODS = {
     "spsa": {"estimator": "spsa"},
     "kernel": {"estimator": "kernel", "kernel_order": 4},
-    "tuner": {"estimator": "spsa", "tuner": TUNER, "like": "spsa"},
-    "tuner+kernel": {"estimator": "kernel", "kernel_order": 4, "tuner": TUNER, "like": "kernel"},
+    "tuner": {"estimator": "spsa", "tuner": TUNER},
+    "tuner+kernel": {"estimator": "kernel", "kernel_order": 4, "tuner": TUNER},
 }
 
 
@@ -51,7 +52,7 @@ def one_run(out: Path, task: str, method: str, lr: float, eps: float, seed: int,
         cfg = FinetuneConfig(task=task, data_dir=str(SHARED_DATA) if task == "sst2" else None,
                              steps=args.steps, lr=lr, eps=eps, seed=seed, eval_every=args.eval_every,
                              num_dev=args.num_dev, num_test=args.num_test, output_dir=str(out / "runs"),
-                             run_name=name, **{k: v for k, v in METHODS[method].items() if k != "like"})
+                             run_name=name, **METHODS[method])
         print(f"== {name}", file=sys.stderr, flush=True)
         run(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -97,8 +98,6 @@ def main():
     result = {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "grid": {}, "tasks": {}}
     best = {}
     for method in args.methods:
-        if "like" in METHODS[method]:
-            continue
         grid = [one_run(out, args.tasks[0], method, lr, eps, args.seeds[0], args)
                 for lr, eps in itertools.product(args.lrs, args.epss)]
         best[method] = max(grid, key=lambda r: (r["final_dev_acc"], -r["curve"][-1][2]))
@@ -106,8 +105,7 @@ def main():
     for task in args.tasks:
         per_method = {}
         for method in args.methods:
-            setting = best[METHODS[method].get("like", method)]
-            lr, eps = setting["lr"], setting["eps"]
+            lr, eps = best[method]["lr"], best[method]["eps"]
             runs = [one_run(out, task, method, lr, eps, s, args) for s in args.seeds]
             per_method[method] = {
                 "best": {"lr": lr, "eps": eps},
@@ -142,6 +140,10 @@ def table(result) -> str:
             rows.append(f"| {task} | {name} | {m['best']['lr']:g} / {m['best']['eps']:g} | "
                         f"{d['mean']:.3f} ± {d['std']:.3f} | {t['mean']:.3f} ± {t['std']:.3f} | "
                         f"{'not reached' if r is None else f'{r:.2f}×'} |")
+    rows += ["", "mean dev acc by step:"]
+    for task, methods in result["tasks"].items():
+        for name, m in methods.items():
+            rows.append(f"- {task} {name}: " + " / ".join(f"{acc:.3f}" for _, acc in m["mean_dev_curve"]))
     return "\n".join(rows)
 
 
