@@ -100,9 +100,10 @@ def test_finetune_with_a_tuner_file_and_its_errors(tmp_path, tiny_model_dir, cap
     args = ["finetune", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "runs"), "--steps", "2",
             "--num-train", "16", "--num-dev", "8", "--num-test", "8", "--batch-size", "4"]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the tuner's own eps (the default) gives no warning
-        assert main([*args, "--tuner", str(good.parent), "--estimator", "kernel", "--run-name", "t"]) == 0
-    with pytest.warns(UserWarning, match=r"good was meta-trained at eps 0.001; this run uses eps 0.01"):
+        warnings.simplefilter("error")  # no warning: another estimator, then the tuner's own eps
+        assert main([*args, "--tuner", str(good.parent), "--estimator", "kernel", "--eps", "1e-2", "--run-name", "t"]) == 0
+        assert main([*args, "--tuner", str(good.parent), "--estimator", "spsa", "--run-name", "t1"]) == 0
+    with pytest.warns(UserWarning, match=r"good was meta-trained at eps 0.001 with spsa; this run uses eps 0.01"):
         assert main([*args, "--tuner", str(good.parent), "--eps", "1e-2", "--run-name", "t2"]) == 0
     config = json.loads((tmp_path / "runs" / "t" / "config.json").read_text())
     assert config["perturbation"] == "learned" and config["tuner_path"] == str(good.parent)
@@ -112,6 +113,6 @@ def test_finetune_with_a_tuner_file_and_its_errors(tmp_path, tiny_model_dir, cap
     for tuner, message in [(foreign, "was made for bigger-vocab: block 0"), (tmp_path / "none", "tuner file not found")]:
         assert main([*args, "--tuner", str(tuner)]) == 2
         assert message in capsys.readouterr().err
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["t", "t2"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["t", "t1", "t2"]
     assert main([*args, "--tuner", "auto", "--run-name", "a"]) == 0
     assert "tuner: none shipped for this model; isotropic" in capsys.readouterr().err
