@@ -160,7 +160,7 @@ def _resolve_tuner(choice: str, model) -> str | None:
 def _warn_if_other_eps(tuner_path: str, estimator: str, eps: float):
     """A tuner's scales fit the eps it was meta-trained at: it moves the perturbation onto a few
     blocks, and a larger eps takes those out of the linear regime (the shipped SmolLM2 tuner on
-    tweets: eps 1e-2 instead of 1e-3 lost 5 and 10 points of dev accuracy at lr 1e-5 and 3e-5).
+    tweets: eps 1e-2 instead of 1e-3 lost 5.5 and 9.5 points of final dev accuracy at lr 1e-5 and 3e-5).
     Only for the estimator it was meta-trained with: the kernel's radius r shrinks the
     perturbation, and with it the best eps is another (1e-2 for the shipped tuner)."""
     trained = json.loads(read_tuner(tuner_path)[1].get("estimator", "{}"))
