@@ -38,6 +38,9 @@ from zoft.tuner import BlockMLPs, read_tuner, save_tuner, summarise_scales
 from meta_train.outer import lookahead_loss
 
 
+TUNER_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+
 @dataclass
 class MetaTrainConfig:
     output: str = field(default="", metadata={"help": "tuner folder (tuner.safetensors, README.md, checkpoint)"})
@@ -77,8 +80,8 @@ class MetaTrainConfig:
                 raise ZoftError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.report_to not in ("none", "wandb"):
             raise ZoftError(f"report-to must be none or wandb, got {self.report_to!r}")
-        if self.tuner_optimizer not in ("adam", "sgd"):
-            raise ZoftError(f"tuner-optimizer must be adam or sgd, got {self.tuner_optimizer!r}")
+        if self.tuner_optimizer not in TUNER_OPTIMIZERS:
+            raise ZoftError(f"tuner-optimizer must be {' or '.join(TUNER_OPTIMIZERS)}, got {self.tuner_optimizer!r}")
         if self.start not in ("isotropic", "random"):
             raise ZoftError(f"start must be isotropic or random, got {self.start!r}")
         if not 0 <= self.momentum < 1:
@@ -112,8 +115,7 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
     # the fine-tuning machinery (blocks, noise, hooks, estimator) that the tuner is fitted to
     blocks_opt = ZOOptimizer(model, estimator, learned, zoft.updates.SGD(zoft.updates.SGDConfig()))
     blocks = blocks_opt.blocks
-    tuner_opt = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[cfg.tuner_optimizer](
-        learned.net.parameters(), lr=cfg.lr_tuner)
+    tuner_opt = TUNER_OPTIMIZERS[cfg.tuner_optimizer](learned.net.parameters(), lr=cfg.lr_tuner)
     initial = [b.param.detach().cpu().clone() for b in blocks]  # θ₀, restored at each restart
     sigma_prev = {t.name: torch.ones(len(blocks)) for t in tasks}
     prev_losses: dict[str, tuple[float, float] | None] = {t.name: None for t in tasks}
@@ -202,13 +204,15 @@ def _write_card(out: Path, cfg: MetaTrainConfig, num_blocks: int):
     records = [json.loads(x) for x in (out / "meta_train.jsonl").read_text().splitlines() if x.strip()]
     window = max(1, len(records) // 20)
 
+    gains = [r["meta_loss"] - r["fo_loss"] for r in records]
+
     def smooth(values):
         return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
                 for i in range(len(values))]
 
     # L(θ′) − L(θ) on the same batch: what the tuner's scales bought the look-ahead step (the
     # losses themselves follow the LLM's trajectory and the task mix)
-    gain = smooth([r["meta_loss"] - r["fo_loss"] for r in records])
+    gain = smooth(gains)
     steps = [r["step"] for r in records]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
     top.plot(steps, smooth([r["meta_loss"] for r in records]))
@@ -224,8 +228,8 @@ def _write_card(out: Path, cfg: MetaTrainConfig, num_blocks: int):
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
                      if v not in (None, "") and k not in ("report_to", "wandb_project"))
     minutes = records[-1]["seconds"] / 60 if records else 0.0
-    periods = [records[i : i + cfg.restart_every] for i in range(0, len(records), cfg.restart_every)]
-    period_gains = [sum(r["meta_loss"] - r["fo_loss"] for r in p) / len(p) for p in periods]
+    periods = [gains[i : i + cfg.restart_every] for i in range(0, len(gains), cfg.restart_every)]
+    period_gains = [sum(p) / len(p) for p in periods]
     (out / "README.md").write_text(f"""# Perturbation tuner: {out.name}
 
 Base model: {model_id(cfg.model)} ({num_blocks} blocks). Meta-trained for the `{cfg.estimator}`

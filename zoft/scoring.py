@@ -140,9 +140,12 @@ def evaluate(model, items, candidate_ids, pad_id: int, batch_size: int = 32, dev
     return {"acc": correct / max(1, len(items)), "loss": loss_sum / max(1, len(items))}
 
 
+_PUNCTUATION = frozenset(string.punctuation)
+
+
 def normalise_answer(text: str) -> str:
     """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
