@@ -43,14 +43,11 @@ def lookahead_loss(opt, loss_fn, batch, seed: int, state, prev_losses, lr_update
     est, learned, blocks = opt.estimator, opt.perturbation, opt.blocks
     sigma = learned.sigma(state, prev_losses)  # differentiable
     scale = learned.normalised(sigma).float()
-    radii = est.radii(seed, len(blocks), step)
-    plus = (est.eps * torch.tensor(radii, device=scale.device) * scale.detach()).tolist()
-    losses = []
-    for sign in (1, -1):
-        with opt.perturber.active(seed, [sign * x for x in plus]), torch.inference_mode():
-            losses.append(float(loss_fn(opt.model, batch)))
-    coef = torch.tensor(est.coefficients(losses[0], losses[1], radii, step),
-                        dtype=scale.dtype, device=scale.device)
+    probe = est.probe(seed, step, len(blocks))
+    losses = [float(v) for v in opt.perturber.losses_at(seed, probe.points, scale.detach().tolist(),
+                                                          lambda: loss_fn(opt.model, batch))]
+    coef, _, _ = est.estimate(None, losses, probe, step)
+    coef = torch.tensor(coef, dtype=scale.dtype, device=scale.device)
     step = -lr_update * coef * scale  # [n], the look-ahead's per-block step along z_b
     moved = {f"model.{b.name}": b.param.detach() + step[b.index] * direction(opt, seed, b) for b in blocks}
     meta_loss = functional_call(_LossOf(opt.model, loss_fn), moved, (batch,), strict=False)

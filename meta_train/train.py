@@ -89,7 +89,7 @@ class MetaTrainConfig:
 
     def estimator_spec(self) -> dict:
         spec = {"name": self.estimator, "eps": self.eps}
-        return {**spec, "order": self.kernel_order} if self.estimator == "kernel" else spec
+        return {**spec, "kernel_order": self.kernel_order} if self.estimator == "kernel" else spec
 
 
 def _block_stats(blocks) -> torch.Tensor:

@@ -97,7 +97,7 @@ def test_grid_errors(tmp_path):
     for text, msg in [("grid: {lr: [1]}", "needs a mapping with 'output_dir' and 'grid'"),
                       (f"output_dir: {tmp_path}\ngrid: {{lr: []}}", "grid.lr must be a non-empty list"),
                       (f"output_dir: {tmp_path}\ngrid: {{lrr: [1]}}", "unknown finetune settings ['lrr']"),
-                      (f"output_dir: {tmp_path}\ngrid: {{lr: [0.0]}}", "lr must be > 0"),
+                      (f"output_dir: {tmp_path}\ngrid: {{lr: [0.0]}}", "lr must be a finite number > 0"),
                       (f"output_dir: {tmp_path}\ngird: {{}}\ngrid: {{lr: [1]}}", "unknown keys ['gird']"),
                       ("a: [", "is not valid YAML")]:
         bad.write_text(text)

@@ -7,7 +7,7 @@ from numpy.polynomial.hermite_e import hermegauss
 from numpy.polynomial.legendre import leggauss
 
 import zoft
-from zoft.estimators import KERNELS, Kernel, KernelConfig
+from zoft.estimators import KERNELS, Kernel, KernelConfig, Probe
 from tests.conftest import Quadratic
 
 R_NODES, R_WEIGHTS = leggauss(40)
@@ -90,7 +90,7 @@ def test_radii_modes_and_shrinking_interval():
     assert [shrinking.radius(t) for t in (0, 20, 40, 1000)] == pytest.approx([0.5, 0.3, 0.1, 0.1])
     assert all(abs(x) <= 0.3 for seed in range(50) for x in shrinking.radii(seed, num_blocks=1, step=20))
     # the coefficient is g·K(r/d)/d with g = (L+ − L−)/2ε: here r = d/2, g = 2/(2·1e-3)
-    coef = shrinking.coefficients(1.0, -1.0, [0.15], step=20)
+    coef, _, _ = shrinking.estimate(None, [1.0, -1.0], Probe([], [0.15]), step=20)
     assert coef[0] == pytest.approx(1000 * KERNELS[4](0.5) / 0.3)
 
 
@@ -100,7 +100,7 @@ def test_kernel_estimate_is_unbiased_on_a_quadratic(order, tol):
     mean(ĝ) → ∇ for every order (tolerance ≈ 5 standard errors; 195/64 would be off by 3.4)."""
     n, lr = 20000, 1e-3
     quad = Quadratic([1.0, 2.0, 3.0, 4.0])
-    opt = zoft.build_optimizer(quad, {"name": "kernel", "order": order, "eps": 0.1}, {"name": "isotropic"},
+    opt = zoft.build_optimizer(quad, {"name": "kernel", "kernel_order": order, "eps": 0.1}, {"name": "isotropic"},
                                {"name": "sgd", "lr": lr}, num_directions=n, seed=order)
     opt.step(quad)
     estimate = (1.0 - quad.theta.detach()) / lr
@@ -117,8 +117,8 @@ def test_kernel_same_seed_same_estimate_and_config_errors():
         return quad.theta.detach().clone()
 
     assert torch.equal(run(), run())
-    for bad, msg in [({"order": 5}, "kernel order must be 2, 4 or 6"), ({"r_mode": "tensor"}, "r_mode must be"),
-                     ({"shrink_steps": -1}, "shrink_steps must be >= 0"), ({"eps": 0}, "eps must be > 0")]:
+    for bad, msg in [({"kernel_order": 5}, "kernel order must be 2, 4 or 6"), ({"r_mode": "tensor"}, "r_mode must be"),
+                     ({"shrink_steps": -1}, "shrink_steps must be >= 0"), ({"eps": 0}, "eps must be a finite number > 0")]:
         with pytest.raises(zoft.ZoftError, match=msg):
             KernelConfig(**bad)
 

@@ -33,7 +33,7 @@ def test_meta_gradient_matches_its_closed_form_and_reaches_only_the_tuner(estima
 
     opt, net = tuner_optimizer(estimator)
     lr_update, seed = 0.5, 123
-    meta, lp, lm, raw, scale = lookahead_loss(opt, lm_loss, IDS, seed, opt.state, None, lr_update)
+    meta, lp, lm, raw, scale = lookahead_loss(opt, lm_loss, IDS, seed, opt.states["perturbation"], None, lr_update)
     meta.backward()
     assert all(p.grad is None for p in opt.model.parameters())
     assert net.b2.grad is not None and net.b2.grad.abs().sum() > 0
@@ -44,8 +44,8 @@ def test_meta_gradient_matches_its_closed_form_and_reaches_only_the_tuner(estima
     sigma = net.b2.detach().abs().squeeze(-1)
     dims = opt.perturbation.dims.float()
     c = (dims.sum() / (dims * sigma**2).sum()).sqrt()
-    radii = opt.estimator.radii(seed, len(blocks), 0)
-    k = torch.tensor(opt.estimator.coefficients(lp, lm, radii, 0))
+    probe = opt.estimator.probe(seed, 0, len(blocks))
+    k = torch.tensor(opt.estimator.estimate(None, [lp, lm], probe, 0)[0])
     z = {b.name: direction(opt, seed, b) for b in blocks}
     moved = {b.name: (b.param.detach() - lr_update * k[b.index] * c * sigma[b.index] * z[b.name]).requires_grad_()
              for b in blocks}

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from zoft.blocks import collect_blocks
-from zoft.noise import GaussianNoise, NoiseTable, make_noise
+from zoft.errors import ZoftError
+from zoft.noise import GaussianNoise, NoiseTable, TableConfig, make_noise
 from tests.conftest import tiny_llama
 
 
@@ -29,7 +30,7 @@ def test_table_directions_look_gaussian():
 
 
 def test_noise_errors():
-    with pytest.raises(ValueError, match="unknown noise source 'pink'"):
+    with pytest.raises(ZoftError, match="unknown noise 'pink'"):
         make_noise("pink")
-    with pytest.raises(ValueError, match="at least"):
-        NoiseTable(size=1000)
+    with pytest.raises(ZoftError, match="at least"):
+        TableConfig(table_size=1000)

@@ -125,10 +125,10 @@ def test_linear_schedule_and_config_errors():
     opt = zoft.build_optimizer(model, {"name": "spsa"}, {"name": "isotropic"},
                                {"name": "sgd", "lr": 1.0, "schedule": "linear", "total_steps": 4})
     assert [opt.update.lr(t) for t in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
-    for bad, msg in [({"name": "spsa", "eps": 0}, "eps must be > 0"), ({"name": "nope"}, "unknown estimator")]:
+    for bad, msg in [({"name": "spsa", "eps": 0}, "eps must be a finite number > 0"), ({"name": "nope"}, "unknown estimator")]:
         with pytest.raises(zoft.ZoftError, match=msg):
             zoft.build_optimizer(model, bad, {"name": "isotropic"}, {"name": "sgd"})
-    with pytest.raises(zoft.ZoftError, match="lr must be > 0"):
+    with pytest.raises(zoft.ZoftError, match="lr must be a finite number > 0"):
         zoft.mezo(model, lr=-1)
     with pytest.raises(zoft.ZoftError, match="num_directions must be >= 1"):
         zoft.mezo(model, num_directions=0)

@@ -70,15 +70,15 @@ def test_learned_scale_normalises_energy_and_tracks_stats_through_the_update():
     learned = LearnedScale(LearnedScaleConfig(dim_rule="numel"), net=BlockMLPs(len(blocks), seed=2))
     opt = zoft.ZOOptimizer(model, zoft.estimators.TwoPoint(zoft.estimators.SPSAConfig(eps=1e-2)), learned,
                            zoft.updates.SGD(zoft.updates.SGDConfig(lr=1e-2)))
-    sigma, _ = learned.scales(blocks, opt.state, prev_losses=None)
+    sigma, _ = learned.scales(blocks, opt.states["perturbation"], prev_losses=None)
     dims = torch.tensor([b.numel for b in blocks], dtype=torch.float64)
     assert (dims * torch.tensor(sigma, dtype=torch.float64) ** 2).sum().item() == pytest.approx(dims.sum().item(), rel=1e-9)
     assert len(set(sigma)) > 1
     ids = torch.randint(1, 64, (2, 6))
     opt.step(lambda: model(ids, labels=ids).loss)
     stats = torch.stack([torch.stack([b.param.mean(), b.param.var()]) for b in blocks]).detach()
-    torch.testing.assert_close(opt.state.stats, stats, rtol=1e-5, atol=1e-7)
-    assert opt.prev_losses is not None and not torch.equal(opt.state.sigma_prev, torch.ones(len(blocks)))
+    torch.testing.assert_close(opt.states["perturbation"].stats, stats, rtol=1e-5, atol=1e-7)
+    assert opt.prev_losses is not None and not torch.equal(opt.states["perturbation"].sigma_prev, torch.ones(len(blocks)))
 
 
 def test_reference_dim_rule_counts_embedding_rows():
@@ -106,7 +106,7 @@ def test_finetune_with_a_tuner_file_and_its_errors(tmp_path, tiny_model_dir, cap
     with pytest.warns(UserWarning, match=r"good was meta-trained at eps 0.001 with spsa; this run uses eps 0.01"):
         assert main([*args, "--tuner", str(good.parent), "--eps", "1e-2", "--run-name", "t2"]) == 0
     config = json.loads((tmp_path / "runs" / "t" / "config.json").read_text())
-    assert config["perturbation"] == "learned" and config["tuner_path"] == str(good.parent)
+    assert config["method"]["perturbation"]["name"] == "learned" and config["tuner_path"] == str(good.parent)
     foreign = tmp_path / "foreign.safetensors"
     other = collect_blocks(tiny_llama(vocab=80))
     save_tuner(foreign, BlockMLPs(len(other)), other, {"base_model": "bigger-vocab"})

@@ -15,30 +15,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+# loop settings; the pieces' settings (eps, lr, kernel-order, ...) take their help from their
+# config dataclasses, and the piece choices list what the registry holds
 _HELP = {
     "model": "hub id, local path, or the embedded default (smollm2-135m)",
-    "task": "tweets (embedded); sst2, rte, cb, boolq, wsc, wic, multirc (--data-dir or the hub); or jsonl:PATH",
+    "task": "tweets (embedded); sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop"
+            " (--data-dir or the hub); or jsonl:PATH",
     "template": "jsonl task: the prompt, with {field} placeholders, e.g. '{text} It was'",
     "labels": "jsonl task: comma-separated label words, in label order, e.g. 'bad,good'",
     "label_field": "jsonl task: the field that holds the label (an index or a label word)",
     "data_dir": "folder with the task's official files (e.g. ../shared/data)",
-    "lr": "learning rate (ZO-SGD)",
-    "eps": "perturbation scale ε",
     "directions": "directions per step (n-SPSA, 2n forwards per step)",
-    "estimator": "spsa (two-point, MeZO) or kernel (KerZOO)",
-    "kernel_order": "kernel estimator: 2, 4 or 6",
-    "r_mode": "kernel estimator: one r per direction (cancels the ε² bias) or per block (authors' code)",
-    "radius": "kernel estimator: r ~ U[-radius, radius] (kernel rescaled so its moments hold)",
-    "shrink_steps": "kernel estimator: 0 keeps the radius; T shrinks it linearly by 1/T per step",
-    "clip_norm": "0: off; C: scale each block's estimate to norm <= C (KerZOO's code: 4e5); one extra read pass",
-    "average": "iterate averaging as in KerZOO's code (β_t = 1 + t/6); costs a copy of the trainable weights",
     "tuner": "learned perturbation tuner: none, auto (the shipped tuner made for this model) or a path",
     "peft": "none (every weight), lora or prefix (peft adapters; only they are perturbed and trained)",
     "prefix_tokens": "virtual tokens of --peft prefix",
     "lora_targets": "comma-separated module names; default: peft's choice for the architecture (q_proj,v_proj for Llama)",
     "objective": "what ZO minimises on a batch: loss (cross-entropy), or the negative of accuracy or macro f1",
-    "noise": "table: fixed Gaussian table at seeded offsets (fast); gaussian: regenerated N(0,1) as in MeZO",
-    "schedule": "constant or linear (to 0 at the last step)",
     "data_seed": "seed of the train/dev/test sampling (kept apart from --seed)",
     "eval_every": "steps between dev evaluations",
     "report_to": "none or wandb (offline unless an API key is set)",
@@ -46,9 +38,15 @@ _HELP = {
 }
 
 
+def _piece_choices() -> dict[str, str]:
+    from zoft.registry import names
+
+    return {kind: f"{kind}: {' | '.join(names(kind))}" for kind in ("estimator", "perturbation", "update", "noise")}
+
+
 def add_config_flags(parser, config_cls, help_texts=None):
     """One flag per field of a config dataclass (bools become switches)."""
-    help_texts = {**_HELP, **(help_texts or {})}
+    help_texts = {**_HELP, **_piece_choices(), **(help_texts or {})}
     for f in fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
@@ -69,7 +67,13 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ft = sub.add_parser("finetune", help="fine-tune with forward passes only (MeZO's protocol)")
     add_config_flags(ft, FinetuneConfig)
+    ft.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint"
+                    " (with the settings it was started with; other flags are ignored)")
     ft.set_defaults(handler=_finetune)
+    rp = sub.add_parser("replay", help="rebuild a run's selected model from the base model and its trajectory")
+    rp.add_argument("run_dir", metavar="RUN_DIR")
+    rp.add_argument("--out", required=True, help="folder to write the model into (as --save-model does)")
+    rp.set_defaults(handler=_replay)
     ev = sub.add_parser("eval", help="zero-shot metrics of a model on a task's test sample")
     add_config_flags(ev, EvalConfig)
     ev.set_defaults(handler=_eval)
@@ -123,12 +127,21 @@ def _eval(args):
     print(f"{r['task']}: zero-shot test {metric}, loss {r['loss']:.4f} ({r['num_test']} examples)")
 
 
-def _finetune(args):
-    from zoft.finetune import FinetuneConfig, run
+def _replay(args):
+    from zoft.finetune import replay_run
 
     _quiet_transformers()
-    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "handler")})
-    s = run(cfg)
+    print(f"model: {replay_run(args.run_dir, args.out)}")
+
+
+def _finetune(args):
+    from zoft.finetune import FinetuneConfig, resume, run
+
+    _quiet_transformers()
+    if args.resume:
+        s = resume(args.resume)
+    else:
+        s = run(FinetuneConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "handler", "resume")}))
     print(f"run: {s['run_dir']}")
     print(f"test {'F1' if s['metric'] == 'f1' else 'accuracy'}: before {s['test_acc_before']:.4f}  after {s['test_acc_after']:.4f}"
           f"  (model at step {s['selected_step']}, best dev {s['best_dev_acc']:.4f})")
@@ -146,7 +159,7 @@ def main(argv=None) -> int:
         print(f"zoft: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("zoft: interrupted; no run directory was left behind", file=sys.stderr)
+        print("zoft: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -18,19 +18,51 @@ X_AXES = ("forward_passes", "steps", "seconds")
 METRICS = ("dev_acc", "train_loss")
 
 
-def method_label(config: dict) -> str:
-    label = config.get("estimator", "spsa")
+def method_of(config: dict) -> dict:
+    """A run's full method: the piece specs it recorded (or, for runs from before they were
+    recorded, the specs its flat settings give) plus directions, PEFT mode and objective."""
+    from zoft.config import method_from
+
+    method = config.get("method") or method_from(config, config.get("tuner_path"))
+    return {**method, "directions": config.get("directions", 1), "peft": config.get("peft", "none"),
+            "objective": config.get("objective", "loss")}
+
+
+def short_label(method: dict) -> str:
+    est, pert, upd = method["estimator"], method["perturbation"], method["update"]
+    label = est["name"]
     if label == "kernel":
-        label += f"{config.get('kernel_order', 4)}" + ("/block" if config.get("r_mode") == "block" else "")
-    if config.get("perturbation", "isotropic") != "isotropic":
+        label += f"{est.get('kernel_order', 4)}" + ("/block" if est.get("r_mode") == "block" else "")
+    if pert["name"] == "learned":
         label = f"tuner+{label}"
-    if config.get("average"):
-        label += "+avg"
-    if config.get("clip_norm"):
-        label += "+clip"
-    if config.get("noise", "table") != "table":
-        label += f" ({config['noise']})"
-    return label
+    elif pert["name"] != "isotropic":
+        label = f"{pert['name']}+{label}"
+    extras = [upd["name"]] if upd["name"] != "sgd" else []
+    extras += ["avg"] * bool(upd.get("average")) + ["clip"] * bool(upd.get("clip_norm"))
+    extras += [f"n{method['directions']}"] * (method["directions"] > 1)
+    extras += [method["peft"]] * (method["peft"] != "none") + [method["objective"]] * (method["objective"] != "loss")
+    label = "+".join([label, *extras])
+    return label if method["noise"]["name"] == "table" else f"{label} ({method['noise']['name']})"
+
+
+def _flat(method: dict) -> dict:
+    return {(f"{k}.{f}" if isinstance(v, dict) else k): (x if isinstance(v, dict) else v)
+            for k, v in method.items() for f, x in (v.items() if isinstance(v, dict) else [(None, v)])}
+
+
+def method_labels(configs: list[dict]) -> list[str]:
+    """One label per run: runs get the same label only when their methods are identical. Methods
+    that share a short label are told apart by the settings in which they differ."""
+    methods = [method_of(c) for c in configs]
+    shorts = [short_label(m) for m in methods]
+    labels = []
+    for m, short in zip(methods, shorts):
+        rivals = [_flat(o) for o, s in zip(methods, shorts) if s == short]
+        differing = sorted(k for k in _flat(m) if len({json.dumps(r.get(k)) for r in rivals}) > 1)
+        mine = _flat(m)
+        labels.append(short + "".join(f" {k.split('.')[-1]}={mine[k]:g}" if isinstance(mine[k], float)
+                                      else f" {k.split('.')[-1]}={mine[k]}" for k in differing))
+    return labels
 
 
 @dataclass
@@ -40,10 +72,6 @@ class Run:
     summary: dict
     train: list[dict] = field(default_factory=list)  # per-step lines
     dev: list[dict] = field(default_factory=list)  # evaluation lines
-
-    @property
-    def method(self) -> str:
-        return method_label(self.config)
 
 
 def load_run(path: Path) -> Run:
@@ -84,8 +112,8 @@ def group_runs(runs: list[Run], facet: str | None) -> dict[str, dict[str, list[R
     if len(tasks) > 1 and facet != "task":
         raise ZoftError(f"runs of different tasks ({', '.join(tasks)}); pass --facet task for one panel per task")
     groups: dict[str, dict[str, list[Run]]] = {}
-    for r in runs:
-        groups.setdefault(r.config["task"], {}).setdefault(r.method, []).append(r)
+    for r, label in zip(runs, method_labels([r.config for r in runs])):
+        groups.setdefault(r.config["task"], {}).setdefault(label, []).append(r)
     return groups
 
 
@@ -101,6 +129,13 @@ def _reach(xs, ys, target):
     return next((x for x, y in zip(xs, ys) if y >= target - 1e-12), None)
 
 
+def _best_of(methods: dict, short: str) -> str | None:
+    """Of the methods labelled ``short`` (at any settings), the one with the best mean final dev
+    accuracy: the baseline at its best setting."""
+    found = [m for m in methods if m == short or m.startswith(short + " ")]
+    return max(found, key=lambda m: statistics.mean(r.summary["final_dev_acc"] for r in methods[m]), default=None)
+
+
 def table(groups, baseline: str | None, target: float | None) -> str:
     rows = ["| task | method | runs | final dev acc | best dev acc | test acc | fwd passes to target | "
             "train s | peak MB |", "|---|---|---|---|---|---|---|---|---|"]
@@ -109,7 +144,7 @@ def table(groups, baseline: str | None, target: float | None) -> str:
         return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
 
     for task, methods in groups.items():
-        base = baseline if baseline in methods else ("spsa" if "spsa" in methods else None)
+        base = baseline if baseline in methods else _best_of(methods, baseline or "spsa")
         goal = target
         if goal is None and base is not None:
             goal = statistics.mean(r.summary["final_dev_acc"] for r in methods[base])

@@ -103,6 +103,13 @@ class Batches:
             order = [i for b in batches for i in b]
         return order
 
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._shuffle()
+
     def __next__(self) -> dict[str, torch.Tensor]:
         picked = []
         while len(picked) < self.batch_size:

@@ -1,7 +1,10 @@
-"""Estimators: turn the losses at θ ± ε·r·u into per-block coefficients of the direction u.
+"""Estimators: which points to probe along a direction, and how their losses become per-block
+coefficients of it.
 
-For a direction with per-block radii r_b, the model is evaluated at θ_b ± ε·r_b·u_b and the
-estimator returns c_b such that the gradient estimate of block b is ĝ_b = c_b · u_b.
+A direction u_b = σ_b z_b (the perturbation's part) is probed at the points θ_b + m_b u_b that
+``probe`` lists (m = ±ε for SPSA); ``estimate`` turns the losses there into c_b such that the
+gradient estimate of block b is ĝ_b = c_b u_b. Estimators hold state (``init``) for methods
+that need it; the two here are stateless.
 """
 
 from __future__ import annotations
@@ -11,9 +14,16 @@ from dataclasses import dataclass, field
 import torch
 
 from zoft.errors import ZoftError
+from zoft.registry import register
 from zoft.rng import derive
 
 _RADIUS_STREAM = 0x7261  # separates the radius draws from the direction draws of a seed
+
+
+@dataclass
+class Probe:
+    points: list[list[float]]  # per point, per block: the multiplier m_b of u_b
+    radii: list[float]  # per block: the r_b of the points (1 for SPSA)
 
 
 @dataclass
@@ -21,25 +31,29 @@ class SPSAConfig:
     eps: float = field(default=1e-3, metadata={"help": "perturbation scale ε"})
 
     def __post_init__(self):
-        if not self.eps > 0:
-            raise ZoftError(f"eps must be > 0, got {self.eps}")
+        if not 0 < self.eps < float("inf"):
+            raise ZoftError(f"eps must be a finite number > 0, got {self.eps}")
 
 
+@register("estimator", "spsa", SPSAConfig)
 class TwoPoint:
     """Two-point SPSA (MeZO): g = (L(θ + εu) − L(θ − εu)) / 2ε, ĝ = g·u; bias (ε²/2)∇ΔL."""
 
     name = "spsa"
 
     def __init__(self, cfg: SPSAConfig):
-        self.cfg = cfg
-        self.eps = cfg.eps
+        self.cfg, self.eps = cfg, cfg.eps
 
-    def radii(self, seed: int, num_blocks: int, step: int) -> list[float]:
-        return [1.0] * num_blocks
+    def init(self, blocks) -> None:
+        return None
 
-    def coefficients(self, loss_plus: float, loss_minus: float, radii: list[float], step: int) -> list[float]:
-        g = (loss_plus - loss_minus) / (2 * self.eps)
-        return [g] * len(radii)
+    def probe(self, seed: int, step: int, num_blocks: int) -> Probe:
+        return Probe([[self.eps] * num_blocks, [-self.eps] * num_blocks], [1.0] * num_blocks)
+
+    def estimate(self, state, losses: list[float], probe: Probe, step: int):
+        """(coefficients c_b, new state, metrics)."""
+        g = (losses[0] - losses[1]) / (2 * self.eps)
+        return [g] * len(probe.radii), state, {"proj_grad": g}
 
 
 KERNELS = {
@@ -53,31 +67,30 @@ R_MODES = ("direction", "block")
 
 
 @dataclass
-class KernelConfig:
-    eps: float = field(default=1e-3, metadata={"help": "perturbation scale ε"})
-    order: int = field(default=4, metadata={"help": "kernel order: 2 (3r), 4 or 6"})
+class KernelConfig(SPSAConfig):
+    kernel_order: int = field(default=4, metadata={"help": "kernel estimator: 2 (3r), 4 or 6"})
     r_mode: str = field(default="direction", metadata={
-        "help": "direction: one r per direction (cancels the ε² bias); block: one r per block"
-                " (the authors' code; leaves the cross-block part of the bias)"})
-    radius: float = field(default=1.0, metadata={"help": "d_0: r ~ U[-d, d]"})
+        "help": "kernel estimator: one r per direction (cancels the ε² bias) or per block (the authors' code)"})
+    radius: float = field(default=1.0, metadata={
+        "help": "kernel estimator: r ~ U[-d, d], d = radius (kernel rescaled so its moments hold)"})
     shrink_steps: int = field(default=0, metadata={
-        "help": "0: constant d; T > 0: d_t = max(d_0 - t/T, min_radius)"})
+        "help": "kernel estimator: 0 keeps the radius; T shrinks it by 1/T per step, to min_radius"})
     min_radius: float = 1e-4
 
     def __post_init__(self):
-        if not self.eps > 0:
-            raise ZoftError(f"eps must be > 0, got {self.eps}")
-        if self.order not in KERNELS:
-            raise ZoftError(f"kernel order must be 2, 4 or 6, got {self.order}")
+        super().__post_init__()
+        if self.kernel_order not in KERNELS:
+            raise ZoftError(f"kernel order must be 2, 4 or 6, got {self.kernel_order}")
         if self.r_mode not in R_MODES:
             raise ZoftError(f"r_mode must be one of {R_MODES}, got {self.r_mode!r}")
-        if not 0 < self.min_radius <= self.radius:
+        if not 0 < self.min_radius <= self.radius < float("inf"):
             raise ZoftError(f"need 0 < min_radius <= radius, got {self.min_radius}, {self.radius}")
         if self.shrink_steps < 0:
             raise ZoftError(f"shrink_steps must be >= 0, got {self.shrink_steps}")
 
 
-class Kernel:
+@register("estimator", "kernel", KernelConfig)
+class Kernel(TwoPoint):
     """KerZOO: perturb along ε r u with r ~ U[-d, d] and weight the two-point estimate by the
     rescaled kernel K_d(r) = K(r/d)/d, so E[r K_d] = 1 and E[r³ K_d] = 0 at every d:
     ĝ = (L(θ + ε r u) − L(θ − ε r u)) / 2ε · K_d(r) · u, bias O(ε^4) (order 4) instead of O(ε²).
@@ -86,9 +99,8 @@ class Kernel:
     name = "kernel"
 
     def __init__(self, cfg: KernelConfig):
-        self.cfg = cfg
-        self.eps = cfg.eps
-        self.kernel = KERNELS[cfg.order]
+        super().__init__(cfg)
+        self.kernel = KERNELS[cfg.kernel_order]
 
     def radius(self, step: int) -> float:
         c = self.cfg
@@ -101,10 +113,12 @@ class Kernel:
         r = ((torch.rand(count, generator=gen, dtype=torch.float64) * 2 - 1) * d).tolist()
         return r * num_blocks if count == 1 else r
 
-    def coefficients(self, loss_plus: float, loss_minus: float, radii: list[float], step: int) -> list[float]:
-        g = (loss_plus - loss_minus) / (2 * self.eps)
+    def probe(self, seed: int, step: int, num_blocks: int) -> Probe:
+        r = self.radii(seed, num_blocks, step)
+        return Probe([[self.eps * x for x in r], [-self.eps * x for x in r]], r)
+
+    def estimate(self, state, losses: list[float], probe: Probe, step: int):
+        g = (losses[0] - losses[1]) / (2 * self.eps)
         d = self.radius(step)
-        return [g * self.kernel(r / d) / d for r in radii]
-
-
-ESTIMATORS = {"spsa": (SPSAConfig, TwoPoint), "kernel": (KernelConfig, Kernel)}
+        coef = [g * self.kernel(r / d) / d for r in probe.radii]
+        return coef, state, {"proj_grad": sum(coef) / len(coef)}

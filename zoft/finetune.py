@@ -1,145 +1,110 @@
-"""``zoft finetune``: MeZO's protocol around a ZOOptimizer, in one loop a reader can follow.
+"""``zoft finetune``: MeZO's protocol around a ZOOptimizer: setup, loop, finish.
 
-Everything a user can get wrong is checked before the run directory exists; the run is
-written into a hidden temporary folder that is renamed into place only when it succeeds.
+Everything a user can get wrong is checked before the model loads. A run lives in a hidden
+folder ``.NAME.partial`` beside its final place and is renamed to NAME when it succeeds. Every
+``checkpoint_every`` steps that folder holds a checkpoint of kilobytes (the trajectory so far,
+the pieces' states, the data position and the loop's counters; never the weights, which are the
+starting weights plus the replayed trajectory), so a killed run continues with
+``zoft finetune --resume runs/NAME`` and ends bit for bit where the uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import resource
 import shutil
 import sys
-import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 import zoft
+from zoft import trajectory
+from zoft.config import EvalConfig, FinetuneConfig, TaskConfig  # noqa: F401 (re-exported)
 from zoft.data import Batches, candidate_token_ids, encode
 from zoft.errors import ZoftError
-from zoft.estimators import ESTIMATORS
 from zoft.logging import JsonlLogger, WandbLogger
-from zoft.models import DEFAULT_MODEL, checkpoint_reader, load_model, model_id
-from zoft.noise import NOISE_SOURCES
+from zoft.models import checkpoint_reader, load_model, model_id
 from zoft.optimizer import build_optimizer, make_parts
-from zoft.scoring import METRICS, classification_loss, evaluate_task
+from zoft.scoring import classification_loss, evaluate_task
 from zoft.tasks import get_task, jsonl_task, sample_splits
 from zoft.tuner import read_tuner, summarise_scales
 
-
-@dataclass
-class TaskConfig:
-    """Model, task and data: what zoft eval and zoft finetune share."""
-
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "hub id, local path or the embedded default"})
-    task: str = "tweets"
-    data_dir: str | None = None
-    template: str = ""
-    labels: str = ""
-    label_field: str = "label"
-    num_test: int = 1000
-    data_seed: int = 0
-    eval_batch_size: int = 32
-    max_length: int = 256
-    device: str = "auto"
-
-    def __post_init__(self):
-        for name in ("num_test", "eval_batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise ZoftError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ZoftError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ZoftError("device cuda asked for, but no CUDA device is available")
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = "zoft-finetune-checkpoint-1"
 
 
 @dataclass
-class FinetuneConfig(TaskConfig):
-    num_train: int = 1000
-    num_dev: int | None = field(default=None, metadata={"help": "default: the task's (500; 100 for CB)"})
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 1e-5
-    eps: float = 1e-3
-    directions: int = 1
-    estimator: str = "spsa"
-    objective: str = "loss"
-    kernel_order: int = 4
-    r_mode: str = "direction"
-    radius: float = 1.0
-    shrink_steps: int = 0
-    schedule: str = "constant"
-    weight_decay: float = 0.0
-    clip_norm: float = 0.0
-    average: bool = False
-    noise: str = "table"
-    tuner: str = "none"
-    seed: int = 0
-    eval_every: int = 100
-    peft: str = field(default="none", metadata={"help": "none (full-parameter), lora or prefix, through peft"})
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = ""
-    prefix_tokens: int = 5
-    output_dir: str = "runs"
-    run_name: str | None = None
-    save_model: bool = False
-    report_to: str = "none"
-    wandb_project: str = "zoft"
+class Progress:
+    """The loop's counters: with the optimizer's state and the trajectory, all a resume needs."""
 
-    def __post_init__(self):
-        super().__post_init__()
-        for name in ("steps", "batch_size", "directions", "eval_every", "num_train"):
-            if getattr(self, name) < 1:
-                raise ZoftError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.num_dev is not None and self.num_dev < 1:
-            raise ZoftError(f"num-dev must be >= 1, got {self.num_dev}")
-        for name in ("lr", "eps"):
-            if not getattr(self, name) > 0:
-                raise ZoftError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.objective not in ("loss", *METRICS):
-            raise ZoftError(f"objective must be loss, accuracy or f1, got {self.objective!r}")
-        if self.estimator not in ESTIMATORS:
-            raise ZoftError(f"estimator must be one of {sorted(ESTIMATORS)}, got {self.estimator!r}")
-        if self.noise not in NOISE_SOURCES:
-            raise ZoftError(f"noise must be one of {sorted(NOISE_SOURCES)}, got {self.noise!r}")
-        if self.peft not in ("none", "lora", "prefix"):
-            raise ZoftError(f"peft must be none, lora or prefix, got {self.peft!r}")
-        if self.peft == "prefix" and self.prefix_tokens < 1:
-            raise ZoftError(f"prefix-tokens must be >= 1, got {self.prefix_tokens}")
-        if self.peft == "lora" and (self.lora_r < 1 or not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1):
-            raise ZoftError("lora needs lora-r >= 1, lora-alpha > 0 and 0 <= lora-dropout < 1")
-        if self.report_to not in ("none", "wandb"):
-            raise ZoftError(f"report-to must be none or wandb, got {self.report_to!r}")
+    step: int = 0
+    forward_passes: int = 0
+    train_seconds: float = 0.0
+    test_before: float = 0.0
+    best_acc: float = -math.inf
+    best_step: int = 0
+    dev_acc: float = 0.0
+    metrics_bytes: int = 0
+    data: dict = field(default_factory=dict)
 
-    def method(self, tuner_path: str | None = None) -> dict:
-        estimator = {"name": self.estimator, "eps": self.eps}
-        if self.estimator == "kernel":
-            estimator.update(order=self.kernel_order, r_mode=self.r_mode, radius=self.radius,
-                             shrink_steps=self.shrink_steps)
-        return {
-            "estimator": estimator,
-            "perturbation": {"name": "learned", "path": tuner_path, "batch_size": self.batch_size}
-            if tuner_path else {"name": "isotropic"},
-            "update": {"name": "sgd", "lr": self.lr, "weight_decay": self.weight_decay,
-                       "schedule": self.schedule, "total_steps": self.steps, "clip_norm": self.clip_norm,
-                       "average": self.average},
-        }
+
+@dataclass
+class Session:
+    """What a run works with, set up once (``_setup``)."""
+
+    cfg: FinetuneConfig
+    task: object
+    model: object
+    tokenizer: object
+    opt: object
+    cand: object
+    train: list
+    dev: list
+    test: list
+    device: str
+    tuner_path: str | None
+    snapshot: dict | None
+    run_dir: Path
+    work: Path
+    loggers: list = field(default_factory=list)
+
+    def log(self, metrics: dict, step: int):
+        for lg in self.loggers:
+            lg.log(metrics, step)
+
+    def evaluate(self, items) -> dict:
+        return evaluate_task(self.model, self.task, items, self.cand, self.tokenizer, self.cfg.eval_batch_size,
+                             self.device)
+
+
+def partial_dir(run_dir: Path) -> Path:
+    return run_dir.parent / f".{run_dir.name}.partial"
 
 
 def _peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def resolve_task(cfg):
+    if cfg.task.startswith("jsonl:"):
+        return jsonl_task(cfg.task[len("jsonl:"):], cfg.template, cfg.labels, cfg.label_field)
+    return get_task(cfg.task)
+
+
+def _resolve_device(choice: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
 
 
 def _resolve_tuner(choice: str, model) -> str | None:
@@ -157,24 +122,27 @@ def _resolve_tuner(choice: str, model) -> str | None:
     return str(found) if found else None
 
 
-def _warn_if_other_eps(tuner_path: str, estimator: str, eps: float):
+def _warn_if_other_eps(tuner_path: str, method: dict):
     """A tuner's scales fit the eps it was meta-trained at: it moves the perturbation onto a few
     blocks, and a larger eps takes those out of the linear regime (the shipped SmolLM2 tuner on
-    tweets: eps 1e-2 instead of 1e-3 lost 5.5 and 9.5 points of final dev accuracy at lr 1e-5 and 3e-5).
-    Only for the estimator it was meta-trained with: the kernel's radius r shrinks the
+    tweets: eps 1e-2 instead of 1e-3 lost 5.5 and 9.5 points of final dev accuracy at lr 1e-5 and
+    3e-5). Only for the estimator it was meta-trained with: the kernel's radius r shrinks the
     perturbation, and with it the best eps is another (1e-2 for the shipped tuner)."""
     trained = json.loads(read_tuner(tuner_path)[1].get("estimator", "{}"))
-    if trained.get("name") == estimator and not math.isclose(trained["eps"], eps, rel_tol=1e-6):
-        warnings.warn(f"{tuner_path} was meta-trained at eps {trained['eps']:g} with {estimator}; this run uses eps {eps:g}")
+    ours = method["estimator"]
+    if trained.get("name") == ours["name"] and not math.isclose(trained["eps"], ours["eps"], rel_tol=1e-6):
+        warnings.warn(f"{tuner_path} was meta-trained at eps {trained['eps']:g} with {ours['name']};"
+                      f" this run uses eps {ours['eps']:g}")
 
 
-def _with_adapters(model, cfg):
+def with_adapters(model, cfg):
     """LoRA or prefix tuning through peft; LoRA's target modules default to peft's choice for
-    the architecture."""
+    the architecture. Seeded, so a resume or a replay rebuilds the same starting adapters."""
     if cfg.peft == "none":
         return model
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn from the global generator
     if cfg.peft == "prefix":
         model = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=cfg.prefix_tokens, task_type="CAUSAL_LM"))
         init_prefix_from_activations(model, cfg.seed)
@@ -212,13 +180,13 @@ def _snapshot_if_small(opt, limit_fraction: float = 0.1):
     return {b.name: b.param.detach().clone() for b in opt.blocks}
 
 
-def _restore_step(opt, cfg, upto: int, snapshot=None) -> bool:
+def restore_step(opt, model_name: str, upto: int, snapshot: dict | None = None) -> bool:
     """Rebuild the weights after ``upto`` steps: the starting weights (a snapshot, or the model's
     checkpoint), then the recorded updates replayed (bit-identical). False when neither exists."""
     if snapshot is not None:
         initial = dict(snapshot)
     else:
-        read = checkpoint_reader(cfg.model)
+        read = checkpoint_reader(model_name)
         initial = {b.name: read(b.name) for b in opt.blocks} if read else {}
         if not read or any(t is None for t in initial.values()):
             return False
@@ -229,30 +197,10 @@ def _restore_step(opt, cfg, upto: int, snapshot=None) -> bool:
     return True
 
 
-def _save_trajectory(path: Path, opt, cfg):
-    steps = opt.history
-    tensors = {
-        "seeds": torch.tensor([s.seeds for s in steps], dtype=torch.int64),
-        "scales": torch.stack([s.scales for s in steps]),
-    }
-    if steps and steps[0].decay is not None:
-        tensors["decay"] = torch.stack([s.decay for s in steps])
-    if steps and steps[0].mix is not None:
-        tensors["mix"] = torch.tensor([s.mix for s in steps], dtype=torch.float64)
-    meta = {"format": "zoft-trajectory-1", "blocks": json.dumps([b.name for b in opt.blocks]),
-            "noise": cfg.noise, "model": model_id(cfg.model), "zoft_version": zoft.__version__}
-    save_file(tensors, str(path), metadata=meta)
-
-
-def resolve_task(cfg):
-    if cfg.task.startswith("jsonl:"):
-        return jsonl_task(cfg.task[len("jsonl:"):], cfg.template, cfg.labels, cfg.label_field)
-    return get_task(cfg.task)
-
-
-def run(cfg: FinetuneConfig) -> dict:
+def _check(cfg: FinetuneConfig):
+    """(cfg with the task's defaults, task, splits): every user error, before anything loads."""
     task = resolve_task(cfg)
-    make_parts(**cfg.method())  # every hyperparameter is checked before anything is loaded
+    make_parts(**cfg.method())
     if task.generates and cfg.objective != "loss":
         raise ZoftError(f"objective {cfg.objective} is for classification tasks; {task.name} trains on the answer's loss")
     if cfg.tuner not in ("none", "auto"):
@@ -260,121 +208,249 @@ def run(cfg: FinetuneConfig) -> dict:
     if cfg.num_dev is None:
         cfg = replace(cfg, num_dev=task.num_dev)
     splits = sample_splits(task, cfg.data_dir, cfg.num_train, cfg.num_dev, cfg.num_test, cfg.data_seed)
+    return cfg, task, splits
+
+
+def _setup(cfg, task, splits, run_dir: Path) -> Session:
+    device = _resolve_device(cfg.device)
+    model, tokenizer = load_model(cfg.model, device=device)
+    model = with_adapters(model, cfg)
+    cand = candidate_token_ids(task, tokenizer, device)
+    encoded = [encode(task, part, tokenizer, cfg.max_length) for part in (splits.train, splits.dev, splits.test)]
+    tuner_path = _resolve_tuner(cfg.tuner, model)
+    method = cfg.method(tuner_path)
+    if tuner_path:
+        _warn_if_other_eps(tuner_path, method)
+    opt = build_optimizer(model, method["estimator"], method["perturbation"], method["update"], noise=method["noise"],
+                          num_directions=cfg.directions, seed=cfg.seed, record=True)
+    return Session(cfg, task, model, tokenizer, opt, cand, *encoded, device, tuner_path, _snapshot_if_small(opt),
+                   run_dir, partial_dir(run_dir))
+
+
+def _write_config(s: Session):
+    cfg = s.cfg
+    config = {**asdict(cfg), "model_id": model_id(cfg.model), "device": s.device, "tuner_path": s.tuner_path,
+              "method": cfg.method(s.tuner_path), "num_blocks": len(s.opt.blocks),
+              "trainable_params": sum(b.numel for b in s.opt.blocks),
+              "split_sizes": {"train": len(s.train), "dev": len(s.dev), "test": len(s.test)},
+              "versions": {"zoft": zoft.__version__, "torch": torch.__version__,
+                           "transformers": __import__("transformers").__version__,
+                           "python": platform.python_version()}}
+    (s.work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return config
+
+
+def _open_loggers(s: Session, config: dict, keep_bytes: int | None):
+    cfg = s.cfg
+    s.loggers.append(JsonlLogger(s.work / "metrics.jsonl", keep_bytes))
+    if cfg.report_to == "wandb":
+        method = config["method"]
+        s.loggers.append(WandbLogger(
+            s.work, config, cfg.wandb_project, s.run_dir.name, group=f"{Path(cfg.model).name}/{cfg.task}",
+            job_type=method["estimator"]["name"],
+            tags=[method["estimator"]["name"], method["perturbation"]["name"], method["update"]["name"],
+                  "full" if cfg.peft == "none" else cfg.peft, method["noise"]["name"]]))
+
+
+def _save_checkpoint(s: Session, p: Progress, batches: Batches):
+    p.data, p.metrics_bytes = batches.state_dict(), s.loggers[0].position()
+    tensors, rest = s.opt.state_dict()
+    tensors.update({f"trajectory/{k}": v for k, v in trajectory.to_tensors(s.opt.history, len(s.opt.blocks)).items()})
+    meta = {"format": CHECKPOINT_FORMAT, "optimizer": json.dumps(rest), "progress": json.dumps(asdict(p))}
+    tmp = s.work / f".{CHECKPOINT}.tmp"
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, s.work / CHECKPOINT)  # a kill mid-write leaves the previous checkpoint intact
+
+
+def _load_checkpoint(s: Session) -> Progress:
+    path = s.work / CHECKPOINT
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ZoftError(f"{path} is not a readable checkpoint: {e}") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ZoftError(f"{path}: checkpoint format {meta.get('format')!r}; this zoft reads {CHECKPOINT_FORMAT}")
+    prefix = "trajectory/"
+    s.opt.history = trajectory.from_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    s.opt.replay(s.opt.history)  # the starting weights, moved step by step as the run moved them
+    s.opt.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(prefix)}, json.loads(meta["optimizer"]))
+    return Progress(**json.loads(meta["progress"]))
+
+
+def _evaluate_dev(s: Session, p: Progress, step: int):
+    dev = s.evaluate(s.dev)
+    scales = summarise_scales(s.opt.blocks, s.opt.last_scales) if s.tuner_path else {}
+    s.log({"dev/acc": dev["acc"], "dev/loss": dev["loss"], "forward_passes": p.forward_passes, **scales}, step)
+    p.dev_acc = dev["acc"]
+    if dev["acc"] > p.best_acc:
+        p.best_acc, p.best_step = dev["acc"], step
+
+
+def _start(s: Session, p: Progress):
+    p.test_before = s.evaluate(s.test)["acc"]
+    p.step = 0
+    _evaluate_dev(s, p, 0)
+    s.log({"test/acc_before": p.test_before}, 0)
+
+
+def _loop(s: Session, p: Progress):
+    cfg, opt = s.cfg, s.opt
+    batches = Batches(s.train, cfg.batch_size, cfg.seed, s.tokenizer.pad_token_id, s.device)
+    if p.data:
+        batches.load_state_dict(p.data)
+    bar = tqdm(range(p.step, cfg.steps), initial=p.step, total=cfg.steps, desc=f"zoft {cfg.task}", unit="step",
+               file=sys.stderr, dynamic_ncols=True)
+    for step in bar:
+        batch = next(batches)
+        t0 = time.perf_counter()
+        loss = opt.step(lambda: classification_loss(s.model, batch, s.cand, cfg.objective, s.task.train_loss))
+        p.train_seconds += time.perf_counter() - t0
+        p.forward_passes += opt.last["forward_passes"]
+        bar.set_postfix(loss=f"{loss:.3f}", fwd=p.forward_passes, s_step=f"{p.train_seconds / (step + 1):.2f}")
+        s.log({"train/loss": loss, "train/loss_minus": opt.last["loss_minus"], "train/proj_grad": opt.last["proj_grad"],
+               "lr": opt.last["lr"], "forward_passes": p.forward_passes, "train_seconds": p.train_seconds,
+               "peak_memory_mb": _peak_memory_mb(s.device)}, step + 1)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            _evaluate_dev(s, p, step + 1)
+        p.step = step + 1
+        if p.step % cfg.checkpoint_every == 0 and p.step < cfg.steps:
+            _save_checkpoint(s, p, batches)
+    bar.close()
+
+
+def _finish(s: Session, p: Progress, started: float) -> dict:
+    cfg = s.cfg
+    selected = cfg.steps
+    if p.best_step != cfg.steps:
+        if restore_step(s.opt, cfg.model, p.best_step, s.snapshot):
+            selected = p.best_step
+        else:
+            warnings.warn(f"the starting weights of {cfg.model} cannot be read back, so the best-dev model (step"
+                          f" {p.best_step}) cannot be rebuilt; the model of the last step is tested")
+    test_after = s.evaluate(s.test)
+    trajectory.save(s.work / "trajectory.safetensors", s.opt, cfg.method(s.tuner_path), model_id(cfg.model))
+    if cfg.save_model:
+        s.model.save_pretrained(s.work / "model")
+        s.tokenizer.save_pretrained(s.work / "model")
+    summary = {
+        "task": cfg.task, "model": model_id(cfg.model), "method": cfg.estimator, "noise": cfg.noise,
+        "metric": "f1" if s.task.generates else "accuracy",  # the one under the *_acc keys
+        "test_acc_before": p.test_before, "test_acc_after": test_after["acc"], "selected_step": selected,
+        "best_dev_acc": p.best_acc, "best_dev_step": p.best_step, "final_dev_acc": p.dev_acc, "steps": cfg.steps,
+        "forward_passes": p.forward_passes, "train_seconds": p.train_seconds, "s_per_step": p.train_seconds / cfg.steps,
+        "wall_seconds": time.perf_counter() - started, "peak_memory_mb": _peak_memory_mb(s.device), "device": s.device,
+    }
+    s.log({"test/acc": test_after["acc"]}, cfg.steps)
+    for lg in s.loggers:
+        lg.summary(summary)
+    (s.work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _execute(s: Session, p: Progress | None) -> dict:
+    """Run (p None: from the start) or continue (p from a checkpoint), then rename into place.
+    A ZoftError (a diverging run) removes the folder; a kill or any other failure keeps it
+    with its last checkpoint, for --resume."""
+    started = time.perf_counter()
+    try:
+        config = _write_config(s) if p is None else json.loads((s.work / "config.json").read_text())
+        _open_loggers(s, config, None if p is None else p.metrics_bytes)
+        if p is None:
+            p = Progress()
+            _start(s, p)
+        _loop(s, p)
+        summary = _finish(s, p, started)
+    except ZoftError:
+        _close(s)
+        shutil.rmtree(s.work, ignore_errors=True)
+        raise
+    except BaseException:
+        _close(s)
+        if (s.work / CHECKPOINT).is_file():
+            print(f"zoft: run kept; continue it with: zoft finetune --resume {s.run_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(s.work, ignore_errors=True)
+        raise
+    _close(s)
+    (s.work / CHECKPOINT).unlink(missing_ok=True)
+    s.work.rename(s.run_dir)
+    summary["run_dir"] = str(s.run_dir)
+    return summary
+
+
+def _close(s: Session):
+    for lg in s.loggers:
+        lg.close()
+    s.loggers.clear()
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    cfg, task, splits = _check(cfg)
     name = cfg.run_name or f"{task.name.replace(':', '-')}-{cfg.estimator}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.output_dir) / name
     if run_dir.exists():
         raise ZoftError(f"run directory already exists: {run_dir}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    model, tokenizer = load_model(cfg.model, device=device)
-    model = _with_adapters(model, cfg)
-    cand = candidate_token_ids(task, tokenizer, device)
-    pad = tokenizer.pad_token_id
-    train, dev, test = (encode(task, s, tokenizer, cfg.max_length) for s in (splits.train, splits.dev, splits.test))
-    tuner_path = _resolve_tuner(cfg.tuner, model)
-    if tuner_path:
-        _warn_if_other_eps(tuner_path, cfg.estimator, cfg.eps)
-    opt = build_optimizer(model, **cfg.method(tuner_path), noise=cfg.noise, num_directions=cfg.directions,
-                          seed=cfg.seed, record=True)
-    snapshot = _snapshot_if_small(opt)
+    if partial_dir(run_dir).exists():
+        raise ZoftError(f"an interrupted run {name} is in {cfg.output_dir}: continue it with --resume {run_dir},"
+                        f" or remove {partial_dir(run_dir)}")
+    s = _setup(cfg, task, splits, run_dir)
+    s.work.mkdir(parents=True)
+    return _execute(s, None)
 
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=run_dir.parent))
-    loggers = []
+
+def saved_config(config: dict) -> FinetuneConfig:
+    """The FinetuneConfig a run's config.json was written from."""
+    known = {f.name for f in fields(FinetuneConfig)}
+    return FinetuneConfig(**{k: v for k, v in config.items() if k in known})
+
+
+def resume(run_dir) -> dict:
+    """Continue a killed run from its last checkpoint, with the settings it was started with."""
+    run_dir = Path(run_dir)
+    if (run_dir / "summary.json").is_file():
+        raise ZoftError(f"{run_dir} is complete; nothing to resume")
+    work = partial_dir(run_dir)
+    if not (work / CHECKPOINT).is_file():
+        raise ZoftError(f"no checkpoint to resume in {work}")
+    cfg, task, splits = _check(saved_config(json.loads((work / "config.json").read_text())))
+    s = _setup(cfg, task, splits, run_dir)
+    return _execute(s, _load_checkpoint(s))
+
+
+def replay_run(run_dir, out) -> Path:
+    """Rebuild a run's selected model from the base model and its trajectory.safetensors, into
+    ``out``: the same files as ``--save-model`` writes."""
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists():
+        raise ZoftError(f"output already exists: {out}")
     try:
-        config = {**asdict(cfg), "model_id": model_id(cfg.model), "device": device, "tuner_path": tuner_path,
-                  "perturbation": opt.perturbation.name,
-                  "num_blocks": len(opt.blocks), "trainable_params": sum(b.numel for b in opt.blocks),
-                  "split_sizes": {"train": len(train), "dev": len(dev), "test": len(test)},
-                  "versions": {"zoft": zoft.__version__, "torch": torch.__version__,
-                               "transformers": __import__("transformers").__version__,
-                               "python": platform.python_version()}}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        loggers.append(JsonlLogger(tmp / "metrics.jsonl"))
-        if cfg.report_to == "wandb":
-            loggers.append(WandbLogger(tmp, config, cfg.wandb_project, name, group=f"{Path(cfg.model).name}/{cfg.task}",
-                                       job_type=cfg.estimator,
-                                       tags=[cfg.estimator, opt.perturbation.name, "full" if cfg.peft == "none" else cfg.peft, cfg.noise]))
-
-        def log(metrics, step):
-            for lg in loggers:
-                lg.log(metrics, step)
-
-        def evaluate_on(items):
-            return evaluate_task(model, task, items, cand, tokenizer, cfg.eval_batch_size, device)
-
-        start = time.perf_counter()
-        test_before = evaluate_on(test)
-        dev_eval = evaluate_on(dev)
-        log({"dev/acc": dev_eval["acc"], "dev/loss": dev_eval["loss"], "test/acc_before": test_before["acc"]}, 0)
-        best_acc, best_step = dev_eval["acc"], 0
-        batches = Batches(train, cfg.batch_size, cfg.seed, pad, device)
-        train_seconds, forward_passes = 0.0, 0
-        bar = tqdm(range(cfg.steps), desc=f"zoft {cfg.task}", unit="step", file=sys.stderr, dynamic_ncols=True)
-        for step in bar:
-            batch = next(batches)
-            t0 = time.perf_counter()
-            loss = opt.step(lambda: classification_loss(model, batch, cand, cfg.objective, task.train_loss))
-            train_seconds += time.perf_counter() - t0
-            forward_passes += opt.last["forward_passes"]
-            bar.set_postfix(loss=f"{loss:.3f}", fwd=forward_passes, s_step=f"{train_seconds / (step + 1):.2f}")
-            log({"train/loss": loss, "train/loss_minus": opt.last["loss_minus"],
-                 "train/proj_grad": opt.last["proj_grad"], "lr": opt.last["lr"],
-                 "forward_passes": forward_passes, "train_seconds": train_seconds,
-                 "peak_memory_mb": _peak_memory_mb(device)}, step + 1)
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                dev_eval = evaluate_on(dev)
-                tuner_scales = summarise_scales(opt.blocks, opt.last_scales) if tuner_path else {}
-                log({"dev/acc": dev_eval["acc"], "dev/loss": dev_eval["loss"], "forward_passes": forward_passes,
-                     **tuner_scales}, step + 1)
-                if dev_eval["acc"] > best_acc:
-                    best_acc, best_step = dev_eval["acc"], step + 1
-        bar.close()
-        final_dev_acc = dev_eval["acc"]
-        selected = cfg.steps
-        if best_step != cfg.steps and _restore_step(opt, cfg, best_step, snapshot):
-            selected = best_step
-        test_after = evaluate_on(test)
-        _save_trajectory(tmp / "trajectory.safetensors", opt, cfg)
-        if cfg.save_model:
-            model.save_pretrained(tmp / "model")
-            tokenizer.save_pretrained(tmp / "model")
-        summary = {
-            "task": cfg.task, "model": model_id(cfg.model), "method": cfg.estimator, "noise": cfg.noise,
-            "metric": "f1" if task.generates else "accuracy",  # the one under the *_acc keys
-            "test_acc_before": test_before["acc"], "test_acc_after": test_after["acc"],
-            "selected_step": selected, "best_dev_acc": best_acc, "best_dev_step": best_step,
-            "final_dev_acc": final_dev_acc, "steps": cfg.steps, "forward_passes": forward_passes,
-            "train_seconds": train_seconds, "s_per_step": train_seconds / cfg.steps,
-            "wall_seconds": time.perf_counter() - start, "peak_memory_mb": _peak_memory_mb(device),
-            "device": device,
-        }
-        log({"test/acc": test_after["acc"]}, cfg.steps)
-        for lg in loggers:
-            lg.summary(summary)
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        for lg in loggers:
-            lg.close()
-        loggers.clear()
-        tmp.rename(run_dir)
-    except BaseException:
-        for lg in loggers:
-            lg.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    summary["run_dir"] = str(run_dir)
-    return summary
-
-
-@dataclass
-class EvalConfig(TaskConfig):
-    pass
+        config = json.loads((run_dir / "config.json").read_text())
+        selected = json.loads((run_dir / "summary.json").read_text())["selected_step"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise ZoftError(f"{run_dir} is not a complete run directory ({type(e).__name__}: {e})") from None
+    steps, meta = trajectory.read(run_dir / "trajectory.safetensors")
+    cfg = saved_config(config)
+    model, tokenizer = load_model(cfg.model, device=config.get("device", "cpu"))
+    model = with_adapters(model, cfg)
+    method = meta["method"]
+    opt = build_optimizer(model, method["estimator"], method["perturbation"], method["update"], noise=meta["noise"],
+                          num_directions=int(meta["directions"]), seed=int(meta["seed"]))
+    trajectory.check_matches(meta, opt, run_dir / "trajectory.safetensors")
+    opt.replay(steps[:selected])
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
 
 
 def zero_shot(cfg: EvalConfig) -> dict:
     """Accuracy and loss of the model as it is, on the task's test sample (MeZO's protocol)."""
     task = resolve_task(cfg)
     splits = sample_splits(task, cfg.data_dir, 1, task.num_dev, cfg.num_test, cfg.data_seed, for_training=False)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = _resolve_device(cfg.device)
     model, tokenizer = load_model(cfg.model, device=device)
     cand = candidate_token_ids(task, tokenizer, device)
     items = encode(task, splits.test, tokenizer, cfg.max_length)

@@ -11,7 +11,7 @@
     compare: {x: forward_passes, metric: dev_acc, out: comparison.png}
 
 Every run's config is checked before the first run starts. A run whose directory holds a
-summary is complete and skipped, so a killed grid resumes where it stopped; then the runs are
+summary is complete and skipped, and a killed run continues from its last checkpoint, so a killed grid resumes where it stopped; then the runs are
 compared (``table.md`` and the plot in ``output_dir``).
 """
 
@@ -74,7 +74,7 @@ def expand(spec: dict) -> list[tuple[str, dict]]:
 
 def run_grid(path, log=print) -> str:
     from zoft.compare import compare
-    from zoft.finetune import FinetuneConfig, run
+    from zoft.finetune import FinetuneConfig, partial_dir, resume, run
     from zoft.optimizer import make_parts
 
     path = Path(path)
@@ -96,8 +96,11 @@ def run_grid(path, log=print) -> str:
             continue
         if run_dir.exists():  # a directory without a summary is not ours to reuse
             raise ZoftError(f"{run_dir} exists but is not a complete run; remove it to rerun")
-        for stale in out.glob(f".{cfg.run_name}.*"):  # left by a run that was killed
-            shutil.rmtree(stale, ignore_errors=True)
+        if (partial_dir(run_dir) / "checkpoint.safetensors").is_file():  # a run that was killed
+            log(f"[{i}/{len(configs)}] {cfg.run_name}: resumed from its checkpoint")
+            resume(run_dir)
+            continue
+        shutil.rmtree(partial_dir(run_dir), ignore_errors=True)  # killed before its first checkpoint
         log(f"[{i}/{len(configs)}] {cfg.run_name}")
         run(cfg)
     opts = dict(spec.get("compare") or {})

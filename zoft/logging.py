@@ -11,8 +11,16 @@ from pathlib import Path
 
 
 class JsonlLogger:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_bytes: int | None = None):
+        """Appends to ``path``; with ``keep_bytes`` (a resumed run), first cuts the file back to
+        the lines its checkpoint had seen."""
         self._file = open(path, "a", encoding="utf-8")
+        if keep_bytes is not None:
+            self._file.truncate(keep_bytes)
+            self._file.seek(keep_bytes)
+
+    def position(self) -> int:
+        return self._file.tell()
 
     def log(self, metrics: dict, step: int):
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")

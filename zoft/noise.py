@@ -11,24 +11,44 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from zoft.blocks import MAX_CHUNK, Block
+from zoft.errors import ZoftError
+from zoft.registry import build, full_spec, register
 from zoft.rng import derive
 
 TABLE_SEED = 20260523
 
 
+@dataclass
+class TableConfig:
+    table_size: int = field(default=1 << 22, metadata={"help": "noise table: Gaussians in the table (16 MiB)"})
+    table_seed: int = field(default=TABLE_SEED, metadata={"help": "noise table: seed of its Gaussians"})
+
+    def __post_init__(self):
+        if self.table_size < 2 * MAX_CHUNK:
+            raise ZoftError(f"noise table size must be at least {2 * MAX_CHUNK}, got {self.table_size}")
+
+
+@dataclass
+class GaussianConfig:
+    pass
+
+
+@register("noise", "table", TableConfig)
 class NoiseTable:
     name = "table"
 
-    def __init__(self, size: int = 1 << 22, seed: int = TABLE_SEED):
-        if size < 2 * MAX_CHUNK:
-            raise ValueError(f"noise table size must be at least {2 * MAX_CHUNK}, got {size}")
-        self.size, self.seed = size, seed
+    def __init__(self, cfg: TableConfig | None = None):
+        self.cfg = cfg or TableConfig()
+        self.size, self.seed = self.cfg.table_size, self.cfg.table_seed
         self._tables: dict[torch.device, torch.Tensor] = {}
 
     def _table(self, device) -> torch.Tensor:
+        device = torch.device(device)
         table = self._tables.get(device)
         if table is None:
             gen = torch.Generator().manual_seed(self.seed)  # same table on every device
@@ -54,8 +74,12 @@ class NoiseTable:
         return self._table(row_ids.device)[start[:, None] + cols]
 
 
+@register("noise", "gaussian", GaussianConfig)
 class GaussianNoise:
     name = "gaussian"
+
+    def __init__(self, cfg: GaussianConfig | None = None):
+        self.cfg = cfg or GaussianConfig()
 
     def chunk(self, seed: int, block: Block, k: int, n: int, device) -> torch.Tensor:
         gen = torch.Generator(device=device).manual_seed(derive(seed, block.index, k))
@@ -73,10 +97,11 @@ class GaussianNoise:
         return out
 
 
-NOISE_SOURCES = {"table": NoiseTable, "gaussian": GaussianNoise}
+def make_noise(spec: str | dict):
+    """A noise source from its name or spec ({"name": "table", "size": ..., "table_seed": ...})."""
+    return build("noise", {"name": spec} if isinstance(spec, str) else spec)
 
 
-def make_noise(name: str, **kwargs):
-    if name not in NOISE_SOURCES:
-        raise ValueError(f"unknown noise source {name!r}; choose from {sorted(NOISE_SOURCES)}")
-    return NOISE_SOURCES[name](**kwargs)
+def noise_spec(noise) -> dict:
+    """Everything that determines z: recorded with every trajectory."""
+    return full_spec("noise", {"name": noise.name, **vars(noise.cfg)})

@@ -47,6 +47,8 @@ class Perturber:
         self.blocks, self.noise = list(blocks), noise
         self._block_of = {id(b.param): b for b in self.blocks}
         self._seed: int | None = None
+        # the perturbation's reshaping of every chunk of a direction (a mask, say); None: z as drawn
+        self.shaper = None
         self._scales: Sequence[float] = ()
         self._swapped: dict[int, list[tuple[nn.Parameter, torch.Tensor]]] = {}
         # Perturbed copies reuse buffers: fresh pages cost the kernel a zero-fill each forward.
@@ -94,10 +96,27 @@ class Perturber:
                     self._release(p, original)
             self._swapped.clear()
 
+    def z(self, seed: int, block: Block, k: int, n: int, weights: torch.Tensor) -> torch.Tensor:
+        """Chunk k of block b's direction: where every direction is made, for the losses, the
+        update, clipping norms and meta-training alike. ``weights`` is that chunk of θ_b (a
+        shaper may read it)."""
+        z = self.noise.chunk(seed, block, k, n, weights.device)
+        return z if self.shaper is None else self.shaper(block, z, weights)
+
     def direction_chunks(self, seed: int, block: Block):
-        device = block.param.device
+        flat = block.param.detach().view(-1)
         for k, start, n in block.chunks():
-            yield start, n, self.noise.chunk(seed, block, k, n, device)
+            yield start, n, self.z(seed, block, k, n, flat[start : start + n])
+
+    def losses_at(self, seed: int, points, sigma, closure) -> list[torch.Tensor]:
+        """L(θ + m_b σ_b z_b(seed)) at each probe point m (one list per point); θ untouched. The
+        one probe routine, for the optimizer and meta-training alike."""
+        losses = []
+        for point in points:
+            # inference mode: no autograd bookkeeping at all in the forward passes
+            with self.active(seed, [m * s for m, s in zip(point, sigma)]), torch.inference_mode():
+                losses.append(torch.as_tensor(closure()).reshape(()))
+        return losses
 
     @torch.no_grad()
     def add_(self, seed: int, scales: Sequence[float], targets: Sequence[torch.Tensor] | None = None,
@@ -130,8 +149,9 @@ class Perturber:
         norms = []
         for b in self.blocks:
             gram = torch.zeros(len(seeds), len(seeds), dtype=torch.float64)
-            for k, _, n in b.chunks():
-                z = torch.stack([self.noise.chunk(seed, b, k, n, b.param.device) for seed in seeds])
+            flat = b.param.detach().view(-1)
+            for k, start, n in b.chunks():
+                z = torch.stack([self.z(seed, b, k, n, flat[start : start + n]) for seed in seeds])
                 gram += (z @ z.T).double().cpu()
             a = coefs[:, b.index].double()
             norms.append(float(a @ gram @ a) ** 0.5)
@@ -140,13 +160,13 @@ class Perturber:
     def _perturbed_copy(self, block: Block, original: torch.Tensor, s: float) -> torch.Tensor:
         free = self._free.get((original.shape, original.dtype, original.device))
         out = free.pop() if free else torch.empty_like(original)
-        if block.numel <= block.chunk_len:  # one chunk: most blocks, and the hot path
-            z = self.noise.chunk(self._seed, block, 0, block.numel, original.device)
-            torch.add(original, z.view(original.shape), alpha=s, out=out)
-            return out
         src, dst = original.view(-1), out.view(-1)
-        for start, n, z in self.direction_chunks(self._seed, block):
-            torch.add(src[start : start + n], z, alpha=s, out=dst[start : start + n])
+        if block.numel <= block.chunk_len:  # one chunk: most blocks, and the hot path
+            torch.add(src, self.z(self._seed, block, 0, block.numel, src), alpha=s, out=dst)
+            return out
+        for k, start, n in block.chunks():
+            part = src[start : start + n]
+            torch.add(part, self.z(self._seed, block, k, n, part), alpha=s, out=dst[start : start + n])
         return out
 
     def _swap_in(self, module, args):
@@ -175,15 +195,17 @@ class Perturber:
         if self._seed is None:
             return None
         ids = args[0] if args else kwargs["input"]
-        rows = self.perturb_rows(module.weight, ids.reshape(-1), None)
-        return None if rows is None else output + rows.view(output.shape).to(output.dtype)
+        rows = output.reshape(-1, output.shape[-1])  # a plain lookup's output is weight[ids]
+        perturbed = self.perturb_rows(module.weight, ids.reshape(-1), rows)
+        return None if perturbed is rows else perturbed.view(output.shape)
 
     def perturb_rows(self, weight, row_ids, rows):
-        """rows + s·z[row_ids] (or just s·z[row_ids] when rows is None); None if unperturbed."""
+        """rows (= weight[row_ids]) + s·z[row_ids]; ``rows`` itself if unperturbed."""
         block = self._block_of.get(id(weight))
         if block is None or self._scales[block.index] == 0.0:
             return rows
         self.touched.add(block.index)
-        z = self.noise.rows(self._seed, block, row_ids).to(weight.dtype)
-        s = self._scales[block.index]
-        return s * z if rows is None else rows + s * z
+        z = self.noise.rows(self._seed, block, row_ids)
+        if self.shaper is not None:
+            z = self.shaper(block, z, rows)
+        return rows + self._scales[block.index] * z.to(weight.dtype)

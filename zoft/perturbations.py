@@ -1,4 +1,8 @@
-"""Perturbations: the scale of each block's direction, u_b = σ_b·z_b."""
+"""Perturbations: the shape and scale of each block's direction, u_b = σ_b·shape(z_b).
+
+``scales`` gives σ per block at each step; ``shaper`` may return a function that reshapes every
+chunk of a direction where it is made (``Perturber.z``), e.g. a mask; None keeps z as it is.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from zoft.errors import ZoftError
+from zoft.registry import register
 
 DIM_RULES = ("reference", "numel")
 
@@ -16,6 +21,7 @@ class IsotropicConfig:
     pass
 
 
+@register("perturbation", "isotropic", IsotropicConfig)
 class Isotropic:
     """σ_b = 1 for every block: the plain Gaussian (or table) direction of MeZO."""
 
@@ -31,6 +37,12 @@ class Isotropic:
     def scales(self, blocks, state, **context) -> tuple[list[float], None]:
         return [1.0] * len(blocks), state
 
+    def shaper(self, state):
+        return None
+
+    def observe(self, state, block_stats):
+        return state
+
 
 @dataclass
 class LearnedScaleConfig:
@@ -38,9 +50,9 @@ class LearnedScaleConfig:
     dim_rule: str = field(default="reference", metadata={
         "help": "effective dimension d̃_b in the normalisation: 'numel' counts every element;"
                 " 'reference' (the paper's) counts an embedding as the rows a step reads,"
-                " row_len × tokens_per_example × batch_size"})
+                " row_len × tokens_per_example × batch_size. A tuner file's own rule wins"})
     tokens_per_example: int = 15
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata={"help": "the fine-tune's batch size (for the reference rule)"})
 
     def __post_init__(self):
         if self.dim_rule not in DIM_RULES:
@@ -53,7 +65,8 @@ class LearnedState:
     stats: torch.Tensor  # [n, 2] mean and unbiased variance of each block
 
 
-class LearnedScale:
+@register("perturbation", "learned", LearnedScaleConfig)
+class LearnedScale(Isotropic):
     """ZO Fine-tuner: σ = |MLP_b([mean θ_b, var θ_b, L⁺_{t−1}, L⁻_{t−1}, σ_{b,t−1}])| per block,
     normalised so that Σ_b d̃_b (cσ_b)² = Σ_b d̃_b: the learned scales redistribute the
     perturbation's energy across blocks without changing its total, so ε and lr keep their
@@ -72,6 +85,9 @@ class LearnedScale:
 
         if self.net is None:
             self.net, self.meta = load_tuner(self.cfg.path, blocks)
+            # the rule the tuner was meta-trained with, read back from its header
+            self.cfg = replace(self.cfg, dim_rule=self.meta.get("dim_rule", self.cfg.dim_rule),
+                               tokens_per_example=int(self.meta.get("tokens_per_example", self.cfg.tokens_per_example)))
         device = blocks[0].param.device
         self.net.to(device)
         self.dims = torch.tensor([self._dim(b) for b in blocks], dtype=torch.float64, device=device)
@@ -109,5 +125,3 @@ class LearnedScale:
     def observe(self, state: LearnedState, block_stats: torch.Tensor) -> LearnedState:
         return replace(state, stats=block_stats)
 
-
-PERTURBATIONS = {"isotropic": (IsotropicConfig, Isotropic), "learned": (LearnedScaleConfig, LearnedScale)}

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zoft.errors import ZoftError
+from zoft.registry import entry, register
 
 
 @dataclass(frozen=True)
@@ -347,12 +348,14 @@ def jsonl_task(path: str, template: str, labels: str, label_field: str = "label"
     return ClassificationTask(f"jsonl:{Path(path).name}", template, label_words, load, num_dev=100)
 
 
+for _name, _task in TASKS.items():
+    register("task", _name)(_task)
+
+
 def get_task(name: str) -> ClassificationTask | ChoiceTask | GenerationTask:
     if name.startswith("jsonl:"):
         raise ZoftError("a jsonl task needs --template and --labels (see zoft finetune --help)")
-    if name not in TASKS:
-        raise ZoftError(f"unknown task {name!r}; choose from {', '.join(sorted(TASKS))}")
-    return TASKS[name]
+    return entry("task", name)[1]
 
 
 @dataclass

@@ -120,8 +120,24 @@ def check_fits(meta: dict, blocks, path="tuner"):
     raise ZoftError(f"{path} was made for {base}: it has {len(theirs)} blocks, this model {len(ours)}")
 
 
+def _header_json(meta: dict, key: str, path):
+    try:
+        return json.loads(meta[key])
+    except (KeyError, json.JSONDecodeError):
+        raise ZoftError(f"{path}: the tuner header's {key!r} is missing or not JSON") from None
+
+
 def load_tuner(path, blocks) -> tuple[BlockMLPs, dict]:
+    """The network and header of a tuner made for these blocks. The header is read back, not
+    assumed: features this version does not compute, or a hidden size that disagrees with the
+    tensors, are refused."""
     tensors, meta = read_tuner(path)
+    features = _header_json(meta, "features", path)
+    if list(features) != list(FEATURES):
+        raise ZoftError(f"{path}: the tuner reads features {features}; this zoft computes {list(FEATURES)}")
+    if _header_json(meta, "hidden", path) != tensors["w1"].shape[1]:
+        raise ZoftError(f"{path}: header hidden {meta['hidden']} but w1 has {tensors['w1'].shape[1]} units")
+    _header_json(meta, "blocks", path)
     check_fits(meta, blocks, path)
     net = BlockMLPs(len(blocks), hidden=tensors["w1"].shape[1])
     with torch.no_grad():
