@@ -47,10 +47,12 @@ class Momentum(SGD):
     def step(self, state: MomentumState, seeds, grad, step, blocks, block_norms):
         grad = self.clipped(grad, block_norms)
         keep = self.cfg.window - 1
-        if len(state.seeds) and state.seeds.shape[1] != len(seeds):
-            raise ZoftError("momentum needs the same number of directions at every step")
-        past_seeds = torch.cat([torch.tensor([seeds], dtype=torch.int64), state.seeds[:keep]])
-        past_grads = torch.cat([grad[None], state.grads[:keep]])
+        past_seeds, past_grads = torch.tensor([seeds], dtype=torch.int64), grad[None]
+        if len(state.seeds):
+            if state.seeds.shape[1] != len(seeds):
+                raise ZoftError("momentum needs the same number of directions at every step")
+            past_seeds = torch.cat([past_seeds, state.seeds[:keep]])
+            past_grads = torch.cat([past_grads, state.grads[:keep]])
         weights = self.cfg.beta ** torch.arange(len(past_grads), dtype=torch.float64)
         combined = (weights[:, None, None] * past_grads).flatten(0, 1)
         applied = self.emit(past_seeds.flatten().tolist(), combined, step, blocks)

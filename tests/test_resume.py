@@ -1,0 +1,92 @@
+"""A killed run continues bit for bit: kill -9 at a random step, then --resume."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zoft.cli import main
+
+TIMING = {"train_seconds", "s_per_step", "wall_seconds", "peak_memory_mb", "run_dir"}
+
+
+def _args(model_dir, out, name, steps, *extra):
+    return ["finetune", "--model", str(model_dir), "--output-dir", str(out), "--run-name", name, "--steps", str(steps),
+            "--num-train", "32", "--num-dev", "8", "--num-test", "8", "--batch-size", "4", "--eval-every", "7",
+            "--checkpoint-every", "1", "--lr", "1e-2", "--eps", "1e-2", *extra]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_run(a: Path, b: Path):
+    assert _metrics(a) == _metrics(b)
+    summaries = [{k: v for k, v in json.loads((r / "summary.json").read_text()).items() if k not in TIMING} for r in (a, b)]
+    assert summaries[0] == summaries[1]
+    ta, tb = load_file(a / "trajectory.safetensors"), load_file(b / "trajectory.safetensors")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def _kill_at_random_step(cmd, partial: Path, steps: int, seed: int) -> int:
+    """Start ``cmd``, SIGKILL it once its metrics show a random step in [3, steps / 2]."""
+    target = random.Random(seed).randint(3, steps // 2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics, deadline = partial / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        lines = metrics.read_text().count('"train/loss"') if metrics.is_file() else 0
+        if lines >= target:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    return target
+
+
+@pytest.mark.parametrize("extra", [[], ["--update", "momentum", "--window", "3", "--directions", "2"],
+                                   ["--estimator", "kernel", "--perturbation", "magnitude_mask"]],
+                         ids=["sgd", "momentum", "kernel+mask"])
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, extra):
+    steps = 60
+    assert main(_args(tiny_model_dir, tmp_path / "a", "r", steps, *extra)) == 0
+    cmd = [sys.executable, "-m", "zoft.cli", *_args(tiny_model_dir, tmp_path / "b", "r", steps, *extra)]
+    _kill_at_random_step(cmd, tmp_path / "b" / ".r.partial", steps, seed=len(extra))
+    assert not (tmp_path / "b" / "r").exists()
+    assert main(["finetune", "--resume", str(tmp_path / "b" / "r")]) == 0
+    _same_run(tmp_path / "a" / "r", tmp_path / "b" / "r")
+    assert not (tmp_path / "b" / "r" / "checkpoint.safetensors").exists()
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["r"]
+
+
+def test_resume_errors(tmp_path, tiny_model_dir, capsys):
+    assert main(["finetune", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint to resume" in capsys.readouterr().err
+    assert main(_args(tiny_model_dir, tmp_path, "done", 2)) == 0
+    assert main(["finetune", "--resume", str(tmp_path / "done")]) == 2
+    assert "is complete; nothing to resume" in capsys.readouterr().err
+
+
+def test_replay_rebuilds_the_saved_model_bit_for_bit(tmp_path, tiny_model_dir, capsys):
+    assert main(_args(tiny_model_dir, tmp_path, "r", 12, "--save-model", "--weight-decay", "0.1")) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert 0 < summary["selected_step"] or summary["best_dev_step"] == 0
+    assert main(["replay", str(tmp_path / "r"), "--out", str(tmp_path / "replayed")]) == 0
+    saved, replayed = tmp_path / "r" / "model", tmp_path / "replayed"
+    assert sorted(p.name for p in saved.iterdir()) == sorted(p.name for p in replayed.iterdir())
+    for f in saved.iterdir():
+        assert f.read_bytes() == (replayed / f.name).read_bytes(), f.name
+    base = load_file(tiny_model_dir / "model.safetensors")
+    tuned = load_file(saved / "model.safetensors")
+    assert any(not torch.equal(base[k], tuned[k]) for k in base if k in tuned) == (summary["selected_step"] > 0)
+    assert main(["replay", str(tmp_path / "r"), "--out", str(tmp_path / "replayed")]) == 2
+    assert "output already exists" in capsys.readouterr().err
