@@ -7,8 +7,11 @@ one-step look-ahead meta-gradient of ``outer.lookahead_loss`` at the same batch.
 turns (round-robin), each keeping its own σ_prev and loss history.
 
 Checkpoints are taken at restart boundaries, where the LLM is back at its initial weights: the
-tuner, the per-task state and the data positions are then the whole state, so resuming never
-needs a parameter-sized snapshot. The artifact is rewritten at every checkpoint.
+tuner, its optimizer's state, the per-task state and the data positions are then the whole
+state, so resuming never needs a parameter-sized snapshot, and a resumed run writes the same
+artifact, bit for bit, as an uninterrupted one. The artifact is rewritten at every checkpoint.
+The tuner folder holds what is used (weights, card, curve); the resume checkpoint and the log
+live apart, in ``--checkpoint-dir`` (learned_optimization keeps the two apart too).
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ TUNER_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 @dataclass
 class MetaTrainConfig:
-    output: str = field(default="", metadata={"help": "tuner folder (tuner.safetensors, README.md, checkpoint)"})
+    output: str = field(default="", metadata={"help": "tuner folder (tuner.safetensors, README.md, curve)"})
+    checkpoint_dir: str = field(default="", metadata={
+        "help": "resume checkpoint and log (default: .NAME.meta-train beside the tuner folder)"})
     model: str = DEFAULT_MODEL
     tasks: str = field(default="sst2", metadata={"help": "comma-separated tasks, taken round-robin"})
     data_dir: str | None = None
@@ -115,12 +120,15 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
     # the fine-tuning machinery (blocks, noise, hooks, estimator) that the tuner is fitted to
     blocks_opt = ZOOptimizer(model, estimator, learned, zoft.updates.SGD(zoft.updates.SGDConfig()))
     blocks = blocks_opt.blocks
-    tuner_opt = TUNER_OPTIMIZERS[cfg.tuner_optimizer](learned.net.parameters(), lr=cfg.lr_tuner)
     initial = [b.param.detach().cpu().clone() for b in blocks]  # θ₀, restored at each restart
     sigma_prev = {t.name: torch.ones(len(blocks)) for t in tasks}
     prev_losses: dict[str, tuple[float, float] | None] = {t.name: None for t in tasks}
-    start, curve = _resume(out, cfg, learned.net, streams, sigma_prev, prev_losses)
-    log_file = open(out / "meta_train.jsonl", "a", encoding="utf-8")
+    tuner_opt = TUNER_OPTIMIZERS[cfg.tuner_optimizer](learned.net.parameters(), lr=cfg.lr_tuner)
+    work = state_dir(cfg)
+    start, curve, log_bytes = _resume(out, work, cfg, learned.net, tuner_opt, streams, sigma_prev, prev_losses)
+    log_file = open(work / "meta_train.jsonl", "a", encoding="utf-8")
+    log_file.truncate(log_bytes)  # a killed run's lines after its last checkpoint are redone
+    log_file.seek(log_bytes)
     wandb_run = None
     if cfg.report_to == "wandb":
         from zoft.logging import WandbLogger
@@ -144,7 +152,8 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
                     b.param.copy_(p0)
             llm_opt, decay = fresh_llm_optimizer()
             if step > start:
-                _checkpoint(out, cfg, learned.net, blocks, streams, sigma_prev, prev_losses, step, curve)
+                _checkpoint(out, work, cfg, learned.net, tuner_opt, blocks, streams, sigma_prev, prev_losses, step,
+                            curve, log_file.tell())
         task = tasks[step % len(tasks)]
         batch = next(streams[task.name])
 
@@ -184,9 +193,10 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
         if wandb_run:
             wandb_run.log({**{k: v for k, v in record.items() if k not in ("step", "task")},
                            **summarise_scales(blocks, scale.tolist())}, step + 1)
+    _checkpoint(out, work, cfg, learned.net, tuner_opt, blocks, streams, sigma_prev, prev_losses, cfg.steps, curve,
+                log_file.tell())
     log_file.close()
-    _checkpoint(out, cfg, learned.net, blocks, streams, sigma_prev, prev_losses, cfg.steps, curve)
-    _write_card(out, cfg, len(blocks))
+    _write_card(out, work, cfg, len(blocks))
     if wandb_run:
         wandb_run.artifact(out, f"tuner-{out.name}", "zoft-tuner",
                            {"base_model": model_id(cfg.model), "steps": cfg.steps, "tasks": cfg.tasks})
@@ -194,14 +204,14 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
     return out / "tuner.safetensors"
 
 
-def _write_card(out: Path, cfg: MetaTrainConfig, num_blocks: int):
+def _write_card(out: Path, work: Path, cfg: MetaTrainConfig, num_blocks: int):
     """README.md beside the tuner: what it is for, how it was made, its meta-loss curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(x) for x in (out / "meta_train.jsonl").read_text().splitlines() if x.strip()]
+    records = [json.loads(x) for x in (work / "meta_train.jsonl").read_text().splitlines() if x.strip()]
     window = max(1, len(records) // 20)
 
     gains = [r["meta_loss"] - r["fo_loss"] for r in records]
@@ -253,39 +263,68 @@ Evaluation on tasks not used here: see the repository's `bench/convergence.py`.
 """)
 
 
-def _checkpoint(out: Path, cfg, net, blocks, streams, sigma_prev, prev_losses, step: int, curve):
+def state_dir(cfg: MetaTrainConfig) -> Path:
+    out = Path(cfg.output)
+    return Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out.parent / f".{out.name}.meta-train"
+
+
+def _optimizer_tensors(tuner_opt) -> tuple[dict, dict]:
+    """A torch optimizer's state_dict as safetensors tensors plus JSON (no pickle)."""
+    sd = tuner_opt.state_dict()
+    tensors = {f"optimizer/{i}/{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+    return tensors, {"param_groups": sd["param_groups"], "state_keys": {str(i): list(st) for i, st in sd["state"].items()}}
+
+
+def _load_optimizer(tuner_opt, tensors: dict, saved: dict):
+    state = {int(i): {k: tensors[f"optimizer/{i}/{k}"] for k in keys} for i, keys in saved["state_keys"].items()}
+    tuner_opt.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
+def _checkpoint(out: Path, work: Path, cfg, net, tuner_opt, blocks, streams, sigma_prev, prev_losses, step: int,
+                curve, log_bytes: int):
     """The artifact (usable as is) plus what resuming needs; both written atomically."""
     meta = {"base_model": model_id(cfg.model), "estimator": cfg.estimator_spec(), "dim_rule": cfg.dim_rule,
             "tokens_per_example": 15, "batch_size": cfg.batch_size, "zoft_version": zoft.__version__,
-            "meta_train": asdict(cfg), "meta_train_step": step}
+            "meta_train": {k: v for k, v in asdict(cfg).items() if k not in ("output", "checkpoint_dir")},
+            "meta_train_step": step}
     save_tuner(out / "tuner.safetensors", net, blocks, meta)
-    tensors = {f"sigma_prev/{k}": v.contiguous() for k, v in sigma_prev.items()}
-    state = {"step": step, "prev_losses": prev_losses, "curve": curve,
-             "data": {k: [s.epoch, s.position] for k, s in streams.items()}}
-    tmp = out / ".checkpoint.tmp"
-    save_file(tensors, str(tmp), metadata={"state": json.dumps(state), "config": json.dumps(asdict(cfg))})
-    tmp.replace(out / "checkpoint.safetensors")
+    tensors, optimizer = _optimizer_tensors(tuner_opt)
+    tensors.update({f"sigma_prev/{k}": v.contiguous() for k, v in sigma_prev.items()})
+    state = {"step": step, "prev_losses": prev_losses, "curve": curve, "log_bytes": log_bytes,
+             "optimizer": optimizer, "data": {k: s.state_dict() for k, s in streams.items()}}
+    tmp = work / ".checkpoint.tmp"
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(state), "config": json.dumps(_resumable(cfg))})
+    tmp.replace(work / "checkpoint.safetensors")
 
 
-def _resume(out: Path, cfg, net, streams, sigma_prev, prev_losses) -> tuple[int, list]:
+def _resumable(cfg) -> dict:
+    """The settings a resumed run must share with the run it continues."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("steps", "checkpoint_dir", "report_to", "wandb_project")}
+
+
+def _resume(out: Path, work: Path, cfg, net, tuner_opt, streams, sigma_prev, prev_losses) -> tuple[int, list, int]:
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "checkpoint.safetensors"
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "checkpoint.safetensors"
     if not path.is_file():
-        return 0, []
+        (work / "meta_train.jsonl").unlink(missing_ok=True)
+        return 0, [], 0
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         state, saved_cfg = json.loads(f.metadata()["state"]), json.loads(f.metadata()["config"])
-    if {k: v for k, v in saved_cfg.items() if k != "steps"} != {k: v for k, v in asdict(cfg).items() if k != "steps"}:
-        raise ZoftError(f"{out} holds a meta-training run with other settings; use another --output")
+    if saved_cfg != _resumable(cfg):
+        raise ZoftError(f"{work} holds a meta-training run with other settings; use another --output")
     tensors, _ = read_tuner(out / "tuner.safetensors")
     with torch.no_grad():
         for k in ("w1", "b1", "w2", "b2"):
             getattr(net, k).copy_(tensors[k])
-    for k, v in load_file(str(path)).items():
-        sigma_prev[k.split("/", 1)[1]] = v
+    saved = load_file(str(path))
+    _load_optimizer(tuner_opt, saved, state["optimizer"])
+    for k, v in saved.items():
+        if k.startswith("sigma_prev/"):
+            sigma_prev[k.split("/", 1)[1]] = v
     prev_losses.update({k: None if v is None else tuple(v) for k, v in state["prev_losses"].items()})
-    for k, (epoch, position) in state["data"].items():
-        streams[k].epoch, streams[k].position = epoch, position
-        streams[k]._order = streams[k]._shuffle()
-    return state["step"], state["curve"]
+    for k, data in state["data"].items():
+        streams[k].load_state_dict(data)
+    return state["step"], state["curve"], state["log_bytes"]

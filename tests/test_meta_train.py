@@ -1,3 +1,4 @@
+import json
 import pytest
 import torch
 from torch.func import functional_call
@@ -78,8 +79,10 @@ def test_meta_training_changes_the_tuner_writes_a_loadable_artifact_and_resumes(
     load_tuner(path, collect_blocks(model))  # loadable for the model it was made for
     meta_train(MetaTrainConfig(**base, steps=4), log=records.append)  # resumes at step 2
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    lines = (tmp_path / "tuner" / "meta_train.jsonl").read_text().splitlines()
+    lines = (tmp_path / ".tuner.meta-train" / "meta_train.jsonl").read_text().splitlines()
     assert len(lines) == 4
+    assert sorted(p.name for p in (tmp_path / "tuner").iterdir()) == ["README.md", "meta_train_curve.png",
+                                                                        "tuner.safetensors"]
     card = (tmp_path / "tuner" / "README.md").read_text()
     assert "zoft meta-train --output" in card and "--steps 4" in card
     assert (tmp_path / "tuner" / "meta_train_curve.png").read_bytes()[:4] == b"\x89PNG"
@@ -116,3 +119,28 @@ def test_zoft_never_imports_meta_train():
     code = ("import sys, zoft, zoft.cli, zoft.finetune, zoft.grid, zoft.compare, zoft.tuner;"
             "assert not [m for m in sys.modules if m.startswith('meta_train')]")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_meta_train_kill_9_then_resume_writes_the_same_tuner_bit_for_bit(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    from meta_train.train import MetaTrainConfig, meta_train
+    from tests.test_resume import _kill_at_random_step
+    from zoft.tuner import read_tuner
+
+    args = dict(model=str(tiny_model_dir), tasks="tweets", restart_every=3, batch_size=4, num_train=16,
+                lr_update=1e-2, lr_tuner=1e-2, steps=24)
+    straight = meta_train(MetaTrainConfig(output=str(tmp_path / "a"), **args))
+    cmd = [sys.executable, "-m", "zoft.cli", "meta-train", "--output", str(tmp_path / "b"),
+           *[x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]]
+    killed_at = _kill_at_random_step(cmd, tmp_path / ".b.meta-train", 24, seed=7, marker='"meta_loss"',
+                                     log="meta_train.jsonl")
+    resumed = meta_train(MetaTrainConfig(output=str(tmp_path / "b"), **args))
+    # safetensors writes its metadata map in hash order, so the bytes of two equal headers can
+    # differ: equal means every tensor bit for bit and every header field
+    (ta, ma), (tb, mb) = read_tuner(resumed), read_tuner(straight)
+    assert ma == mb and all(torch.equal(ta[k], tb[k]) for k in ta), f"killed at step {killed_at}"
+    logs = [[{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in
+             (tmp_path / f".{n}.meta-train" / "meta_train.jsonl").read_text().splitlines()] for n in "ab"]
+    assert logs[0] == logs[1] and len(logs[0]) == 24

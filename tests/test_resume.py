@@ -36,14 +36,14 @@ def _same_run(a: Path, b: Path):
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def _kill_at_random_step(cmd, partial: Path, steps: int, seed: int) -> int:
-    """Start ``cmd``, SIGKILL it once its metrics show a random step in [3, steps / 2]."""
+def _kill_at_random_step(cmd, folder: Path, steps: int, seed: int, marker='"train/loss"', log="metrics.jsonl") -> int:
+    """Start ``cmd``, SIGKILL it once its log in ``folder`` shows a random step in [3, steps / 2]."""
     target = random.Random(seed).randint(3, steps // 2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics, deadline = partial / "metrics.jsonl", time.time() + 120
+    metrics, deadline = folder / log, time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        lines = metrics.read_text().count('"train/loss"') if metrics.is_file() else 0
+        lines = metrics.read_text().count(marker) if metrics.is_file() else 0
         if lines >= target:
             proc.send_signal(signal.SIGKILL)
             break

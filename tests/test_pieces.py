@@ -1,0 +1,163 @@
+"""The registry and its pieces: every piece builds from a JSON spec and steps; the mutations
+that once passed every test now fail one here."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoft
+from zoft import registry
+from zoft.blocks import collect_blocks
+from zoft.noise import NoiseTable
+from zoft.perturbations import LearnedScale, LearnedScaleConfig
+from zoft.tuner import BlockMLPs
+from tests.conftest import Quadratic, tiny_llama
+
+IDS = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+DEFAULTS = {"estimator": {"name": "spsa", "eps": 1e-2}, "perturbation": {"name": "isotropic"},
+            "update": {"name": "sgd", "lr": 1e-2}}
+
+
+def _direction(opt, seed, block):
+    return torch.cat([z for _, _, z in opt.perturber.direction_chunks(seed, block)]).view_as(block.param)
+
+
+@pytest.mark.parametrize("kind", ["estimator", "perturbation", "update", "noise"])
+def test_every_registered_piece_builds_from_a_json_spec_and_takes_a_step(kind, tmp_path):
+    model = tiny_llama()
+    for name in registry.names(kind):
+        spec = {"name": name, "path": str(_tuner(tmp_path, model))} if name == "learned" else {"name": name}
+        spec = json.loads(json.dumps(registry.full_spec(kind, spec)))  # what a run records, read back
+        parts = {**DEFAULTS, kind: spec} if kind != "noise" else DEFAULTS
+        opt = zoft.build_optimizer(model, **{k: parts[k] for k in DEFAULTS},
+                                   noise=spec if kind == "noise" else "table")
+        before = [b.param.detach().clone() for b in opt.blocks]
+        opt.step(lambda: model(IDS, labels=IDS).loss)
+        assert any(not torch.equal(b.param, x) for b, x in zip(opt.blocks, before)), f"{kind} {name} moved nothing"
+
+
+def _tuner(tmp_path, model):
+    from zoft.tuner import save_tuner
+
+    path = tmp_path / "tuner.safetensors"
+    blocks = collect_blocks(model)
+    save_tuner(path, BlockMLPs(len(blocks), seed=1), blocks, {"base_model": "tiny", "dim_rule": "numel"})
+    return path
+
+
+def test_registry_rejects_duplicates_and_unknown_settings():
+    with pytest.raises(KeyError, match="already registered"):
+        registry.register("update", "sgd", None)(object)
+    with pytest.raises(KeyError, match="lowercase"):
+        registry.register("update", "SGD2", None)
+    with pytest.raises(zoft.ZoftError, match=r"unknown settings \['lrr'\]"):
+        registry.build("update", {"name": "sgd", "lrr": 1.0})
+    with pytest.raises(zoft.ZoftError, match="unknown update 'adamw'"):
+        registry.build("update", {"name": "adamw"})
+
+
+def test_table_noise_differs_between_blocks_of_the_same_shape():
+    """Mutation: offsets that ignore the block index give every block the same z."""
+    model = tiny_llama()
+    blocks = collect_blocks(model)
+    same_shape = [b for b in blocks if b.param.shape == blocks[1].param.shape]
+    assert len(same_shape) >= 2
+    table = NoiseTable()
+    a, b = (table.chunk(5, blk, 0, blk.numel, "cpu") for blk in same_shape[:2])
+    assert not torch.equal(a, b)
+
+
+def test_a_step_under_a_learned_sigma_moves_each_block_by_exactly_lr_c_sigma_z(tmp_path):
+    """Mutation: σ dropped from the update (the estimate would use u = z, not σz)."""
+    model = tiny_llama()
+    blocks = collect_blocks(model)
+    learned = LearnedScale(LearnedScaleConfig(dim_rule="numel"), net=BlockMLPs(len(blocks), seed=2))
+    lr, eps = 1e-2, 1e-2
+    est, _, update = zoft.optimizer.make_parts({"name": "spsa", "eps": eps}, {"name": "isotropic"},
+                                               {"name": "sgd", "lr": lr})
+    opt = zoft.ZOOptimizer(model, est, learned, update, seed=4)
+    before = [b.param.detach().double().clone() for b in opt.blocks]
+    opt.step(lambda: model(IDS, labels=IDS).loss)
+    sigma = opt.last_scales
+    assert max(sigma) > 1.5 * min(sigma)  # the scales differ, so dropping them would show
+    c = (opt.last["loss_plus"] - opt.last["loss_minus"]) / (2 * eps)
+    seed = zoft.rng.derive(4, 0, 0)
+    for b, x in zip(opt.blocks, before):
+        expected = x - lr * c * sigma[b.index] * _direction(opt, seed, b).double()
+        torch.testing.assert_close(b.param.detach().double(), expected, rtol=0, atol=1e-6)
+
+
+def test_tuner_features_put_the_last_loss_plus_before_the_loss_minus():
+    """Mutation: L⁺ and L⁻ swapped in the tuner's features."""
+    blocks = collect_blocks(tiny_llama())
+    net = BlockMLPs(len(blocks), seed=0)
+    with torch.no_grad():  # σ_b = |w1[b, 0, 2]·L⁺ + b2|: reads L⁺ alone
+        net.w1.zero_(), net.b1.zero_(), net.w2.zero_(), net.b2.fill_(0.1)
+        net.w1[:, 0, 2] = 1.0
+        net.w2[:, 0, 0] = 1.0
+    learned = LearnedScale(LearnedScaleConfig(dim_rule="numel"), net=net)
+    state = learned.init(blocks)
+    sigma = learned.sigma(state, (2.0, 0.5))
+    torch.testing.assert_close(sigma, torch.full_like(sigma, abs(torch.tanh(torch.tensor(2.0)).item() + 0.1)))
+
+
+def test_clipping_never_scales_up_a_short_block():
+    """Mutation: clipping by C/‖ĝ_b‖ without the min(1, ·) scales short estimates up to C."""
+    class TwoBlocks(torch.nn.Module):  # SPSA's ĝ_b = g z_b: its norm grows as sqrt(d_b)
+        def __init__(self):
+            super().__init__()
+            self.short, self.long = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4096))
+
+        def forward(self):
+            return 0.5 * (self.short**2).sum() + 0.5 * (self.long**2).sum()
+
+    def moves(clip):
+        quad = TwoBlocks()
+        opt = zoft.build_optimizer(quad, {"name": "spsa", "eps": 1e-3}, {"name": "isotropic"},
+                                   {"name": "sgd", "lr": 1e-3, "clip_norm": clip}, seed=0)
+        opt.step(quad)
+        return [(b.param.detach() - 1).norm().item() / 1e-3 for b in opt.blocks]  # ‖ĝ_b‖ after clipping
+
+    short, long = moves(0.0)
+    clip = (short * long) ** 0.5  # between the two
+    assert short < clip < long
+    clipped_short, clipped_long = moves(clip)
+    assert clipped_short == short and clipped_long == pytest.approx(clip, rel=1e-4)
+
+
+def test_magnitude_mask_perturbs_only_the_smallest_weights():
+    model = tiny_llama()
+    opt = zoft.build_optimizer(model, DEFAULTS["estimator"], {"name": "magnitude_mask", "fraction": 0.25},
+                               DEFAULTS["update"])
+    opt.perturber.shaper = opt.perturbation.shaper(opt.states["perturbation"])
+    for b in opt.blocks:
+        z = _direction(opt, 9, b)
+        small = b.param.detach().abs() <= opt.states["perturbation"].thresholds[b.index]
+        assert torch.equal(z != 0, small)
+        if b.param.dim() == 2:  # norm weights start all equal (1.0): all of them are the smallest
+            assert abs(small.float().mean().item() - 0.25) < 1 / b.numel + 1e-6
+    opt.step(lambda: model(IDS, labels=IDS).loss)  # and the mask follows the weights as they move
+
+
+def test_momentum_re_emits_past_seeds_with_geometric_weights():
+    quad = Quadratic(torch.linspace(1, 2, 6))
+    opt = zoft.build_optimizer(quad, {"name": "spsa", "eps": 1e-3}, {"name": "isotropic"},
+                               {"name": "momentum", "lr": 1e-2, "beta": 0.5, "window": 2}, record=True)
+    for _ in range(3):
+        opt.step(quad)
+    first, second, third = opt.history
+    assert len(first.seeds) == 1 and len(second.seeds) == len(third.seeds) == 2
+    assert third.seeds[1] == second.seeds[0]  # the last step's direction comes back once
+    torch.testing.assert_close(third.scales[1], 0.5 * second.scales[0])
+
+
+def test_no_function_in_zoft_is_over_60_lines():
+    long = []
+    for path in Path(zoft.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long
