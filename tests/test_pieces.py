@@ -29,7 +29,7 @@ def _direction(opt, seed, block):
 def test_every_registered_piece_builds_from_a_json_spec_and_takes_a_step(kind, tmp_path):
     model = tiny_llama()
     for name in registry.names(kind):
-        spec = {"name": name, "path": str(_tuner(tmp_path, model))} if name == "learned" else {"name": name}
+        spec = {"name": name, **_required(name, tmp_path, model)}
         spec = json.loads(json.dumps(registry.full_spec(kind, spec)))  # what a run records, read back
         parts = {**DEFAULTS, kind: spec} if kind != "noise" else DEFAULTS
         opt = zoft.build_optimizer(model, **{k: parts[k] for k in DEFAULTS},
@@ -37,6 +37,19 @@ def test_every_registered_piece_builds_from_a_json_spec_and_takes_a_step(kind, t
         before = [b.param.detach().clone() for b in opt.blocks]
         opt.step(lambda: model(IDS, labels=IDS).loss)
         assert any(not torch.equal(b.param, x) for b, x in zip(opt.blocks, before)), f"{kind} {name} moved nothing"
+
+
+def _required(name, tmp_path, model) -> dict:
+    """The settings a piece cannot do without: a file to read."""
+    if name == "learned":
+        return {"path": str(_tuner(tmp_path, model))}
+    if name == "block_scales":
+        from zoft.block_scales import save_block_scales
+
+        blocks = collect_blocks(model)
+        save_block_scales(tmp_path / "sigma.safetensors", blocks, torch.linspace(0.5, 2, len(blocks)))
+        return {"scales_file": str(tmp_path / "sigma.safetensors")}
+    return {}
 
 
 def _tuner(tmp_path, model):

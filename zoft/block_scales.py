@@ -1,0 +1,58 @@
+"""A fixed per-block scale σ_b read from a file: the ceiling study's oracle allocations (and any
+hand-made one) through the same engine as the learned tuner.
+
+The file is safetensors with one tensor ``sigma`` [num_blocks] and the block names in its header
+(checked against the model's). σ is normalised as the tuner's is, Σ_b d̃_b (cσ_b)² = Σ_b d̃_b,
+so lr and eps keep their meaning and only the split of the perturbation between blocks changes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from zoft.errors import ZoftError
+from zoft.perturbations import Isotropic, LearnedScale, LearnedScaleConfig
+from zoft.registry import register
+
+
+@dataclass
+class BlockScalesConfig:
+    scales_file: str = field(default="", metadata={"help": "block_scales: safetensors file with sigma [num_blocks]"})
+    batch_size: int = 16  # the fine-tune's, for the effective dimension of an embedding
+
+    def __post_init__(self):
+        if not self.scales_file:
+            raise ZoftError("the block_scales perturbation needs --scales-file")
+
+
+def save_block_scales(path, blocks, sigma: torch.Tensor, note: str = ""):
+    from safetensors.torch import save_file
+
+    save_file({"sigma": sigma.double().contiguous()}, str(path),
+              metadata={"blocks": json.dumps([b.name for b in blocks]), "note": note})
+
+
+@register("perturbation", "block_scales", BlockScalesConfig)
+class BlockScales(Isotropic):
+    name = "block_scales"
+
+    def init(self, blocks):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(self.cfg.scales_file, framework="pt") as f:
+                names, sigma = json.loads(f.metadata()["blocks"]), f.get_tensor("sigma")
+        except Exception as e:
+            raise ZoftError(f"cannot read block scales {self.cfg.scales_file}: {e}") from None
+        if names != [b.name for b in blocks]:
+            raise ZoftError(f"{self.cfg.scales_file} was made for other blocks than this model's")
+        normaliser = LearnedScale(LearnedScaleConfig(batch_size=self.cfg.batch_size), net=torch.nn.Identity())
+        normaliser.dims = torch.tensor([normaliser._dim(b) for b in blocks], dtype=torch.float64)
+        self.sigma = normaliser.normalised(sigma).tolist()
+        return None
+
+    def scales(self, blocks, state, **context):
+        return self.sigma, state
