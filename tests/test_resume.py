@@ -21,7 +21,7 @@ TIMING = {"train_seconds", "s_per_step", "wall_seconds", "peak_memory_mb", "run_
 def _args(model_dir, out, name, steps, *extra):
     return ["finetune", "--model", str(model_dir), "--output-dir", str(out), "--run-name", name, "--steps", str(steps),
             "--num-train", "32", "--num-dev", "8", "--num-test", "8", "--batch-size", "4", "--eval-every", "7",
-            "--checkpoint-every", "1", "--lr", "1e-2", "--eps", "1e-2", *extra]
+            "--checkpoint-every", "1", "--lr", "2e-3", "--eps", "1e-2", *extra]
 
 
 def _metrics(run: Path) -> list[dict]:

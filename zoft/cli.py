@@ -157,7 +157,7 @@ def main(argv=None) -> int:
         args.handler(args)
     except ZoftError as e:
         print(f"zoft: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("zoft: interrupted", file=sys.stderr)
         return 130

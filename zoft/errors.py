@@ -1,5 +1,15 @@
-"""The one exception type that the CLI turns into a single error line (exit 2)."""
+"""The exceptions that the CLI turns into a single error line (exit 2, or the run's own code)."""
 
 
 class ZoftError(ValueError):
     """Bad input a user can fix: unknown task, missing file, invalid hyperparameter, NaN loss."""
+
+    exit_code = 2
+
+
+class RunStopped(ZoftError):
+    """A run stopped before its end and can be resumed (a signal, a full disk): its folder stays."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code

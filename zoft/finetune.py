@@ -10,13 +10,18 @@ starting weights plus the replayed trajectory), so a killed run continues with
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
 import platform
 import resource
+import secrets
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -31,16 +36,19 @@ import zoft
 from zoft import trajectory
 from zoft.config import EvalConfig, FinetuneConfig, TaskConfig  # noqa: F401 (re-exported)
 from zoft.data import Batches, candidate_token_ids, encode
-from zoft.errors import ZoftError
+from zoft.errors import RunStopped, ZoftError
 from zoft.logging import JsonlLogger, WandbLogger
 from zoft.models import checkpoint_reader, load_model, model_id
 from zoft.optimizer import build_optimizer, make_parts
+from zoft.rundir import RunFolder
 from zoft.scoring import classification_loss, evaluate_task
 from zoft.tasks import get_task, jsonl_task, sample_splits
 from zoft.tuner import read_tuner, summarise_scales
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "zoft-finetune-checkpoint-1"
+DIVERGED = 5.0  # the mean train loss of the last WINDOW steps over that of the first: diverging
+WINDOW = 10
 
 
 @dataclass
@@ -56,6 +64,9 @@ class Progress:
     dev_acc: float = 0.0
     metrics_bytes: int = 0
     data: dict = field(default_factory=dict)
+    first_losses: list = field(default_factory=list)  # the first WINDOW train losses
+    last_losses: list = field(default_factory=list)  # the latest WINDOW
+    flat_steps: int = 0  # consecutive steps with a zero projected gradient
 
 
 @dataclass
@@ -74,9 +85,17 @@ class Session:
     device: str
     tuner_path: str | None
     snapshot: dict | None
-    run_dir: Path
-    work: Path
+    folder: RunFolder
     loggers: list = field(default_factory=list)
+    stop: list = field(default_factory=list)  # the name of a signal asking the run to stop
+
+    @property
+    def work(self) -> Path:
+        return self.folder.partial
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.run_dir
 
     def log(self, metrics: dict, step: int):
         for lg in self.loggers:
@@ -88,7 +107,7 @@ class Session:
 
 
 def partial_dir(run_dir: Path) -> Path:
-    return run_dir.parent / f".{run_dir.name}.partial"
+    return RunFolder(run_dir).partial
 
 
 def _peak_memory_mb(device: str) -> float:
@@ -211,7 +230,7 @@ def _check(cfg: FinetuneConfig):
     return cfg, task, splits
 
 
-def _setup(cfg, task, splits, run_dir: Path) -> Session:
+def _setup(cfg, task, splits, folder: RunFolder) -> Session:
     device = _resolve_device(cfg.device)
     model, tokenizer = load_model(cfg.model, device=device)
     model = with_adapters(model, cfg)
@@ -224,7 +243,7 @@ def _setup(cfg, task, splits, run_dir: Path) -> Session:
     opt = build_optimizer(model, method["estimator"], method["perturbation"], method["update"], noise=method["noise"],
                           num_directions=cfg.directions, seed=cfg.seed, record=True)
     return Session(cfg, task, model, tokenizer, opt, cand, *encoded, device, tuner_path, _snapshot_if_small(opt),
-                   run_dir, partial_dir(run_dir))
+                   folder)
 
 
 def _write_config(s: Session):
@@ -314,9 +333,33 @@ def _loop(s: Session, p: Progress):
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             _evaluate_dev(s, p, step + 1)
         p.step = step + 1
-        if p.step % cfg.checkpoint_every == 0 and p.step < cfg.steps:
+        _watch(s, p, loss)
+        if p.step % cfg.checkpoint_every == 0 or p.step == cfg.steps or s.stop:
             _save_checkpoint(s, p, batches)
+        if s.stop:
+            raise RunStopped(f"stopped by {s.stop[0]} at step {p.step}; continue with: zoft finetune --resume"
+                             f" {s.run_dir}", exit_code=130 if s.stop[0] == "SIGINT" else 143)
     bar.close()
+
+
+def _watch(s: Session, p: Progress, loss: float):
+    """Stop a run that diverges (its train loss far above where it started) or collapses (the
+    loss no longer changes under the perturbation), with what to lower."""
+    if s.cfg.objective != "loss":  # a batch metric is a step function: flat and signed by design
+        return
+    last = s.opt.last
+    if len(p.first_losses) < WINDOW:
+        p.first_losses.append(loss)
+    p.last_losses = (p.last_losses + [loss])[-WINDOW:]
+    p.flat_steps = p.flat_steps + 1 if last["loss_plus"] == last["loss_minus"] else 0
+    start, now = sum(p.first_losses) / len(p.first_losses), sum(p.last_losses) / len(p.last_losses)
+    lr, eps = s.opt.update.cfg.lr, s.opt.estimator.eps
+    if p.step >= 2 * WINDOW and now > DIVERGED * start:
+        raise ZoftError(f"the run diverges: mean train loss {now:.4g} over the last {WINDOW} steps, {start:.4g} over"
+                        f" the first (step {p.step}); lower lr (now {lr:g})")
+    if p.flat_steps >= WINDOW and len(set(p.last_losses)) == 1:
+        raise ZoftError(f"the run has collapsed: L+ = L- = {loss:.4g} for {WINDOW} steps (step {p.step}), so the"
+                        f" perturbation no longer moves the loss; lower lr (now {lr:g}) or eps (now {eps:g})")
 
 
 def _finish(s: Session, p: Progress, started: float) -> dict:
@@ -350,33 +393,69 @@ def _finish(s: Session, p: Progress, started: float) -> dict:
 
 def _execute(s: Session, p: Progress | None) -> dict:
     """Run (p None: from the start) or continue (p from a checkpoint), then rename into place.
-    A ZoftError (a diverging run) removes the folder; a kill or any other failure keeps it
-    with its last checkpoint, for --resume."""
+    A ZoftError (a diverging run) removes the folder; a signal, a full disk or any other
+    failure after the first checkpoint keeps it, for --resume."""
     started = time.perf_counter()
     try:
-        config = _write_config(s) if p is None else json.loads((s.work / "config.json").read_text())
-        _open_loggers(s, config, None if p is None else p.metrics_bytes)
-        if p is None:
-            p = Progress()
-            _start(s, p)
-        _loop(s, p)
-        summary = _finish(s, p, started)
+        with _stop_on_signals(s.stop):
+            config = _write_config(s) if p is None else json.loads((s.work / "config.json").read_text())
+            _open_loggers(s, config, None if p is None else p.metrics_bytes)
+            if p is None:
+                p = Progress()
+                _start(s, p)
+            _loop(s, p)
+            summary = _finish(s, p, started)
+    except RunStopped:
+        _close(s)
+        s.folder.release()
+        raise
     except ZoftError:
         _close(s)
-        shutil.rmtree(s.work, ignore_errors=True)
+        s.folder.discard()
         raise
+    except OSError as e:
+        _close(s)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            _keep_or_discard(s)
+            raise
+        if s.folder.resumable:
+            s.folder.release()
+            raise RunStopped(f"no space left on device ({e.filename or s.work}); free some, then continue with:"
+                             f" zoft finetune --resume {s.run_dir}") from None
+        s.folder.discard()
+        raise ZoftError(f"no space left on device ({e.filename or s.work})") from None
     except BaseException:
         _close(s)
-        if (s.work / CHECKPOINT).is_file():
-            print(f"zoft: run kept; continue it with: zoft finetune --resume {s.run_dir}", file=sys.stderr)
-        else:
-            shutil.rmtree(s.work, ignore_errors=True)
+        _keep_or_discard(s)
         raise
     _close(s)
-    (s.work / CHECKPOINT).unlink(missing_ok=True)
-    s.work.rename(s.run_dir)
+    s.folder.commit()
     summary["run_dir"] = str(s.run_dir)
     return summary
+
+
+def _keep_or_discard(s: Session):
+    if s.folder.resumable:
+        s.folder.release()
+        print(f"zoft: run kept; continue it with: zoft finetune --resume {s.run_dir}", file=sys.stderr)
+    else:
+        s.folder.discard()
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: list):
+    """SIGTERM and SIGINT ask the loop to checkpoint and stop after the current step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, lambda num, _frame: stop.append(signal.Signals(num).name))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _close(s: Session):
@@ -387,15 +466,16 @@ def _close(s: Session):
 
 def run(cfg: FinetuneConfig) -> dict:
     cfg, task, splits = _check(cfg)
-    name = cfg.run_name or f"{task.name.replace(':', '-')}-{cfg.estimator}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.output_dir) / name
-    if run_dir.exists():
-        raise ZoftError(f"run directory already exists: {run_dir}")
-    if partial_dir(run_dir).exists():
-        raise ZoftError(f"an interrupted run {name} is in {cfg.output_dir}: continue it with --resume {run_dir},"
-                        f" or remove {partial_dir(run_dir)}")
-    s = _setup(cfg, task, splits, run_dir)
-    s.work.mkdir(parents=True)
+    # default names are unique: two runs started in the same second get different ones
+    name = cfg.run_name or (f"{task.name.replace(':', '-')}-{cfg.estimator}-s{cfg.seed}-"
+                            f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+    folder = RunFolder(Path(cfg.output_dir) / name)
+    folder.reserve()  # before the model loads: a taken name or an unwritable folder fails now
+    try:
+        s = _setup(cfg, task, splits, folder)
+    except BaseException:
+        folder.discard()
+        raise
     return _execute(s, None)
 
 
@@ -407,15 +487,16 @@ def saved_config(config: dict) -> FinetuneConfig:
 
 def resume(run_dir) -> dict:
     """Continue a killed run from its last checkpoint, with the settings it was started with."""
-    run_dir = Path(run_dir)
-    if (run_dir / "summary.json").is_file():
-        raise ZoftError(f"{run_dir} is complete; nothing to resume")
-    work = partial_dir(run_dir)
-    if not (work / CHECKPOINT).is_file():
-        raise ZoftError(f"no checkpoint to resume in {work}")
-    cfg, task, splits = _check(saved_config(json.loads((work / "config.json").read_text())))
-    s = _setup(cfg, task, splits, run_dir)
-    return _execute(s, _load_checkpoint(s))
+    folder = RunFolder(Path(run_dir))
+    folder.claim()
+    try:
+        cfg, task, splits = _check(saved_config(json.loads((folder.partial / "config.json").read_text())))
+        s = _setup(cfg, task, splits, folder)
+        progress = _load_checkpoint(s)
+    except BaseException:
+        folder.release()
+        raise
+    return _execute(s, progress)
 
 
 def replay_run(run_dir, out) -> Path:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -72,10 +71,48 @@ def expand(spec: dict) -> list[tuple[str, dict]]:
     return runs
 
 
+def _coerce(config: dict, path) -> dict:
+    """YAML 1.1 reads 1e-5 (no dot) as a string: numbers written so are taken as numbers, and a
+    value of the wrong type names its key."""
+    from zoft.finetune import FinetuneConfig
+
+    types = {f.name: f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool}.get(
+        str(f.type).split(" ")[0], str) for f in fields(FinetuneConfig)}
+    out = {}
+    for key, value in config.items():
+        want = types.get(key, str)
+        if want in (int, float) and isinstance(value, str):
+            try:
+                value = want(float(value)) if want is int and float(value).is_integer() else want(value)
+            except ValueError:
+                raise ZoftError(f"{path}: {key} must be a number, got {value!r}") from None
+        elif want in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ZoftError(f"{path}: {key} must be a number, got {value!r}")
+        out[key] = float(value) if want is float else value
+    return out
+
+
+def _run_point(cfg, run_dir: Path, label: str, log):
+    from zoft.finetune import resume, run
+    from zoft.rundir import RunFolder
+
+    if (run_dir / "summary.json").is_file():
+        log(f"{label}: complete, skipped")
+    elif run_dir.exists():  # a directory without a summary is not ours to reuse
+        raise ZoftError(f"{run_dir} exists but is not a complete run; remove it to rerun")
+    elif RunFolder(run_dir).resumable:  # a run that was killed
+        log(f"{label}: resumed from its checkpoint")
+        resume(run_dir)
+    else:
+        log(label)
+        run(cfg)
+
+
 def run_grid(path, log=print) -> str:
     from zoft.compare import compare
-    from zoft.finetune import FinetuneConfig, partial_dir, resume, run
+    from zoft.finetune import FinetuneConfig
     from zoft.optimizer import make_parts
+    from zoft.rundir import GridLock
 
     path = Path(path)
     spec = _read(path)
@@ -86,23 +123,12 @@ def run_grid(path, log=print) -> str:
         unknown = set(config) - known
         if unknown:
             raise ZoftError(f"{path}: unknown finetune settings {sorted(unknown)}")
-        cfg = FinetuneConfig(**config, output_dir=str(out), run_name=name)
+        cfg = FinetuneConfig(**_coerce(config, path), output_dir=str(out), run_name=name)
         make_parts(**cfg.method())
         configs.append(cfg)
-    for i, cfg in enumerate(configs, 1):
-        run_dir = out / cfg.run_name
-        if (run_dir / "summary.json").is_file():
-            log(f"[{i}/{len(configs)}] {cfg.run_name}: complete, skipped")
-            continue
-        if run_dir.exists():  # a directory without a summary is not ours to reuse
-            raise ZoftError(f"{run_dir} exists but is not a complete run; remove it to rerun")
-        if (partial_dir(run_dir) / "checkpoint.safetensors").is_file():  # a run that was killed
-            log(f"[{i}/{len(configs)}] {cfg.run_name}: resumed from its checkpoint")
-            resume(run_dir)
-            continue
-        shutil.rmtree(partial_dir(run_dir), ignore_errors=True)  # killed before its first checkpoint
-        log(f"[{i}/{len(configs)}] {cfg.run_name}")
-        run(cfg)
+    with GridLock(out):
+        for i, cfg in enumerate(configs, 1):
+            _run_point(cfg, out / cfg.run_name, f"[{i}/{len(configs)}] {cfg.run_name}", log)
     opts = dict(spec.get("compare") or {})
     if "out" in opts:
         opts["out"] = out / opts["out"]

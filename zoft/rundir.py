@@ -1,0 +1,143 @@
+"""Run folders that lose nothing: a name is reserved before the work starts, and a run's folder
+is held by exactly one process.
+
+A run works in ``.NAME.partial/`` beside its final place and holds an exclusive lock on its
+``.lock`` file for as long as it runs (the kernel drops the lock when the process dies, kill -9
+included). The folder is made under a private name with its lock already taken, then renamed
+into place, so no other process ever sees it unlocked while its owner lives. A ``.partial``
+folder whose lock can be taken belongs to a dead process: without a checkpoint it is debris and
+is removed; with one it waits for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import shutil
+from pathlib import Path
+
+from zoft.errors import ZoftError
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def _try_lock(path: Path) -> int | None:
+    """An exclusive lock on ``path`` (created if missing), or None while another process holds it."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_writable(folder: Path, what: str = "output dir"):
+    """Create ``folder`` if needed and prove that files can be written there, before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".zoft-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ZoftError(f"{what} {folder} is not a writable folder ({e.strerror or e})") from None
+
+
+def remove_stale(folder: Path):
+    """Remove what dead runs left in ``folder``: unlocked partial folders without a checkpoint."""
+    for partial in folder.glob(".*.partial*"):
+        if not partial.is_dir() or (partial / CHECKPOINT).is_file():
+            continue
+        owner = re.search(r"\.partial-(\d+)$", partial.name)  # a name being reserved right now?
+        if owner and _alive(int(owner.group(1))):
+            continue
+        fd = _try_lock(partial / ".lock") if (partial / ".lock").exists() else None
+        if fd is not None or not (partial / ".lock").exists():
+            shutil.rmtree(partial, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
+
+
+class RunFolder:
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.partial = self.run_dir.parent / f".{self.run_dir.name}.partial"
+        self._fd: int | None = None
+
+    def reserve(self):
+        """Take the name for a fresh run: fails at once if any process has it."""
+        parent = self.run_dir.parent
+        check_writable(parent)
+        remove_stale(parent)
+        if self.run_dir.exists():
+            raise ZoftError(f"run directory already exists: {self.run_dir}")
+        private = parent / f".{self.run_dir.name}.partial-{os.getpid()}"
+        private.mkdir()
+        self._fd = _try_lock(private / ".lock")
+        try:
+            os.rename(private, self.partial)  # fails when the name is taken: the partial is never empty
+        except OSError as e:
+            self.release()
+            shutil.rmtree(private, ignore_errors=True)
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            raise ZoftError(f"another run named {self.run_dir.name} is running or was interrupted in {parent};"
+                            f" continue it with --resume {self.run_dir}, or pick another --run-name") from None
+
+    def claim(self):
+        """Take an interrupted run's folder for ``--resume``."""
+        if (self.run_dir / "summary.json").is_file():
+            raise ZoftError(f"{self.run_dir} is complete; nothing to resume")
+        if not (self.partial / CHECKPOINT).is_file():
+            raise ZoftError(f"no checkpoint to resume in {self.partial}")
+        self._fd = _try_lock(self.partial / ".lock")
+        if self._fd is None:
+            raise ZoftError(f"{self.run_dir.name} is being run by another process")
+
+    def release(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def commit(self):
+        """The run succeeded: its folder takes its final name, without the resume files."""
+        (self.partial / CHECKPOINT).unlink(missing_ok=True)
+        (self.partial / ".lock").unlink(missing_ok=True)
+        os.rename(self.partial, self.run_dir)
+        self.release()
+
+    def discard(self):
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.release()
+
+    @property
+    def resumable(self) -> bool:
+        return (self.partial / CHECKPOINT).is_file()
+
+
+class GridLock:
+    """One ``zoft grid`` per output folder at a time."""
+
+    def __init__(self, folder: Path):
+        check_writable(folder, "grid output_dir")
+        self._fd = _try_lock(folder / ".grid.lock")
+        if self._fd is None:
+            raise ZoftError(f"another zoft grid is running on {folder}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self._fd)
