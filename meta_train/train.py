@@ -89,6 +89,8 @@ class MetaTrainConfig:
             raise ZoftError(f"tuner-optimizer must be {' or '.join(TUNER_OPTIMIZERS)}, got {self.tuner_optimizer!r}")
         if self.start not in ("isotropic", "random"):
             raise ZoftError(f"start must be isotropic or random, got {self.start!r}")
+        if not [t for t in self.tasks.split(",") if t.strip()]:
+            raise ZoftError(f"--tasks needs at least one task name, got {self.tasks!r}")
         if not 0 <= self.momentum < 1:
             raise ZoftError(f"momentum must be in [0, 1), got {self.momentum}")
 

@@ -117,11 +117,11 @@ def test_custom_jsonl_task_end_to_end_from_the_cli(tmp_path, tiny_model_dir, cap
             "--labels", "terrible,great", "--label-field", "stars", "--output-dir", str(tmp_path / "runs"),
             "--steps", "2", "--num-train", "16", "--num-dev", "4", "--num-test", "4", "--batch-size", "4"]
     assert main(args) == 2  # 'bad'/'good' are not among the label words
-    assert "reviews.jsonl:1: bad row (ValueError" in capsys.readouterr().err
+    assert "reviews.jsonl:1: bad row (label 'bad' is not among the label words ['terrible', 'great'])" in capsys.readouterr().err
     data.write_text("\n".join(json.dumps({"review": w + f" {i}", "stars": ["terrible", "great"][i % 2]})
                               for i, w in enumerate(words * 10)) + "\n" + '{"review": "x"}\n')
     assert main(args) == 2
-    assert "reviews.jsonl:41: bad row (KeyError: 'stars')" in capsys.readouterr().err
+    assert "reviews.jsonl:41: bad row (no field stars)" in capsys.readouterr().err
     data.write_text("\n".join(json.dumps({"review": w + f" {i}", "stars": i % 2}) for i, w in enumerate(words * 10)))
     assert main([*args, "--run-name", "custom"]) == 0
     config = json.loads((tmp_path / "runs" / "custom" / "config.json").read_text())

@@ -7,6 +7,7 @@ passes to reach a target (by default the baseline's final dev accuracy), time an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 from dataclasses import dataclass, field
@@ -179,11 +180,17 @@ def plot(groups, x: str, metric: str, out: Path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(out)  # never a half-written picture
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=120)
+        tmp.replace(out)  # never a half-written picture
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise ZoftError(f"cannot write the plot to {out} ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
 
 
 def compare(run_dirs, x="forward_passes", metric="dev_acc", out=None, facet=None, baseline=None,

@@ -147,7 +147,10 @@ def _warn_if_other_eps(tuner_path: str, method: dict):
     tweets: eps 1e-2 instead of 1e-3 lost 5.5 and 9.5 points of final dev accuracy at lr 1e-5 and
     3e-5). Only for the estimator it was meta-trained with: the kernel's radius r shrinks the
     perturbation, and with it the best eps is another (1e-2 for the shipped tuner)."""
-    trained = json.loads(read_tuner(tuner_path)[1].get("estimator", "{}"))
+    try:
+        trained = json.loads(read_tuner(tuner_path)[1].get("estimator", "{}"))
+    except json.JSONDecodeError:
+        raise ZoftError(f"{tuner_path}: the tuner header's 'estimator' is not JSON") from None
     ours = method["estimator"]
     if trained.get("name") == ours["name"] and not math.isclose(trained["eps"], ours["eps"], rel_tol=1e-6):
         warnings.warn(f"{tuner_path} was meta-trained at eps {trained['eps']:g} with {ours['name']};"

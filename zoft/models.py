@@ -83,8 +83,11 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # transformers and safetensors raise many kinds for one bad file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if name == DEFAULT_MODEL:
+            raise ZoftError(f"the cached default model in {source} is unreadable ({first}); remove that folder"
+                            f" and zoft converts it again from the GGUF: rm -rf {source}") from None
         raise ZoftError(f"cannot load model {name!r}: {first}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

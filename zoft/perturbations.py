@@ -112,6 +112,8 @@ class LearnedScale(Isotropic):
         """cσ with c = sqrt(Σ d̃_b / Σ d̃_b σ_b²), differentiable in σ: through c, a meta-gradient
         moves the perturbation budget between blocks instead of inflating every σ."""
         energy = (self.dims * sigma.double() ** 2).sum()
+        if not torch.isfinite(energy):
+            raise ZoftError("the tuner gives non-finite σ: its weights are not finite (a corrupt tuner file?)")
         if not energy > 0:
             raise ZoftError("the tuner gives σ = 0 to every block; nothing would be perturbed")
         return (self.dims.sum() / energy).sqrt() * sigma.double()

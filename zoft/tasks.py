@@ -21,6 +21,7 @@ import importlib.util
 import json
 import random
 import re
+import string
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,6 +312,58 @@ TASKS = {
 }
 
 
+def _template_fields(template: str) -> set[str]:
+    """The named {fields} of a prompt template; positional or malformed braces are refused."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ZoftError(f"--template {template!r} is not a valid template ({e}); write literal braces as {{{{ }}}}") from None
+    fields = [name for _, name, _, _ in parsed if name is not None]
+    if not fields or any(not f or f.isdigit() for f in fields):
+        raise ZoftError(f"--template {template!r} needs named fields like {{text}}, not {{}} or {{0}}")
+    return set(fields)
+
+
+def _jsonl_label(value, words: list[str]) -> int:
+    """A label: one of the label words, or the index of one (a whole number)."""
+    if isinstance(value, str) and value.strip() in words:
+        return words.index(value.strip())
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"label {value!r} is neither a label word {words} nor an index")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"label {value!r} is not among the label words {words}") from None
+    if not number.is_integer() or not 0 <= number < len(words):
+        raise ValueError(f"label {value!r} is not an index 0..{len(words) - 1} of {words}")
+    return int(number)
+
+
+def _jsonl_row(line: str, fields: set[str], label_field: str, words: list[str]) -> Example:
+    row = json.loads(line)
+    if not isinstance(row, dict):
+        raise ValueError("a row must be a JSON object")
+    missing = sorted((fields | {label_field}) - set(row))
+    if missing:
+        raise KeyError(f"no field {', '.join(missing)}", missing)
+    empty = sorted(k for k in fields if row[k] is None)
+    if empty:
+        raise ValueError(f"field {', '.join(empty)} is null")
+    return Example({k: str(row[k]) for k in fields}, _jsonl_label(row[label_field], words))
+
+
+def _any_row_has(file: Path, names: list[str]) -> bool:
+    with open(file, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and any(n in row for n in names):
+                return True
+    return False
+
+
 def jsonl_task(path: str, template: str, labels: str, label_field: str = "label") -> ClassificationTask:
     """A classification task from one JSONL file: each row holds the template's fields and a
     label (an index, or one of the label words). Rows are split 80/20 into train and validation
@@ -318,31 +371,39 @@ def jsonl_task(path: str, template: str, labels: str, label_field: str = "label"
     words = [w.strip() for w in labels.split(",") if w.strip()]
     if len(words) < 2:
         raise ZoftError(f"--labels needs at least two comma-separated label words, got {labels!r}")
-    if not template or "{" not in template:
+    if not template:
         raise ZoftError("a jsonl task needs --template with at least one {field}")
+    fields = _template_fields(template)
     # the answer follows the prompt as a new word, unless the template ends in whitespace
     label_words = tuple(w if template[-1:].isspace() else " " + w for w in words)
-    fields = {name for _, name, _, _ in __import__("string").Formatter().parse(template) if name}
 
     def load(data_dir=None):
         file = Path(path)
         if not file.is_file():
             raise ZoftError(f"jsonl task file not found: {file}")
         pools = {"train": [], "validation": []}
-        with open(file, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
+        with open(file, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ZoftError(f"{file}:{line_no}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
-                    value = row[label_field]
-                    label = words.index(str(value).strip()) if str(value).strip() in words else int(value)
-                    if not 0 <= label < len(words):
-                        raise ValueError(f"label {value!r} is not among {words}")
-                    example = Example({k: str(row[k]) for k in fields}, label)
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise ZoftError(f"{file}:{line_no}: bad row ({type(e).__name__}: {e})") from None
+                    example = _jsonl_row(line, fields, label_field, words)
+                except KeyError as e:
+                    absent = [name for name in e.args[1] if not _any_row_has(file, [name])]
+                    if absent:
+                        raise ZoftError(f"{file}: no row has the field {', '.join(absent)} (check --template and"
+                                        f" --label-field)") from None
+                    raise ZoftError(f"{file}:{line_no}: bad row ({e.args[0]})") from None
+                except (json.JSONDecodeError, TypeError, ValueError) as e:
+                    raise ZoftError(f"{file}:{line_no}: bad row ({e})") from None
                 pools[_split_of(line.strip())].append(example)
+        for name, pool in pools.items():
+            if not pool:
+                raise ZoftError(f"{file}: the {name} split (by a hash of each row) is empty; the file needs more rows")
         return pools["train"], pools["validation"]
 
     return ClassificationTask(f"jsonl:{Path(path).name}", template, label_words, load, num_dev=100)

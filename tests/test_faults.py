@@ -1,0 +1,190 @@
+"""Faults and odd input: one `zoft: error:` line naming the cause, exit 2, nothing left on disk;
+and runs that are never lost (concurrent names, a second grid, a full disk, SIGTERM)."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from zoft.cli import main
+from tests.test_resume import _args, _kill_at_random_step, _same_run
+
+ROWS = [{"text": f"the film was good {i}", "label": i % 2} for i in range(60)]
+
+
+def _finetune(model_dir, out, *extra):
+    return ["finetune", "--model", str(model_dir), "--output-dir", str(out), "--steps", "3", "--num-train", "16",
+            "--num-dev", "4", "--num-test", "4", "--batch-size", "4", *extra]
+
+
+def _jsonl(tmp_path, rows, raw: bytes = b"") -> str:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + raw)
+    return f"jsonl:{path}"
+
+
+def _one_error_line(capsys, expected: str):
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("zoft: error:")]
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "Traceback" not in err
+
+
+def _jsonl_case(tmp_path, rows, raw=b"", template="{text} It was"):
+    return ["--task", _jsonl(tmp_path, rows, raw), "--template", template, "--labels", "terrible,great"]
+
+
+CASES = {
+    "output dir is a file": (lambda t: ["--output-dir", str(t / "afile")], "is not a writable folder"),
+    "lr inf": (lambda t: ["--lr", "inf"], "lr must be a finite number > 0"),
+    "eps inf": (lambda t: ["--eps", "inf"], "eps must be a finite number > 0"),
+    "lr 1e3 diverges": (lambda t: ["--lr", "1e3", "--steps", "40"], "lower lr"),
+    "lr 1e38": (lambda t: ["--lr", "1e38", "--steps", "40"], "lower lr"),
+    "label 1.7": (lambda t: _jsonl_case(t, ROWS + [{"text": "x", "label": 1.7}]), "data.jsonl:61: bad row (label 1.7 is not an index"),
+    "null field": (lambda t: _jsonl_case(t, [{"text": None, "label": 0}] + ROWS), "data.jsonl:1: bad row (field text is null)"),
+    "unknown label word": (lambda t: _jsonl_case(t, ROWS + [{"text": "x", "label": "meh"}]), "label 'meh' is not among the label words"),
+    "field in no row": (lambda t: _jsonl_case(t, ROWS, template="{review} It was"), "no row has the field review"),
+    "template {}": (lambda t: _jsonl_case(t, ROWS, template="{} It was"), "needs named fields"),
+    "unbalanced brace": (lambda t: _jsonl_case(t, ROWS, template="{text It was"), "is not a valid template"),
+    "non-UTF-8 byte": (lambda t: _jsonl_case(t, ROWS, raw=b'{"text": "caf\xe9", "label": 0}\n'), "data.jsonl:61: not UTF-8 text (byte 0xe9"),
+    "empty test split": (lambda t: _jsonl_case(t, ROWS[:1]), "split (by a hash of each row) is empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_and_leaves_nothing(case, tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "afile").write_text("")
+    flags, expected = CASES[case]
+    out = tmp_path / "runs"
+    assert main(_finetune(tiny_model_dir, out, *flags(tmp_path))) == 2
+    _one_error_line(capsys, expected)
+    assert not out.exists() or not [p for p in out.iterdir() if p.name != ".grid.lock"]
+
+
+def test_other_commands_refuse_bad_input_in_one_line(tmp_path, tiny_model_dir, capsys):
+    from zoft.blocks import collect_blocks
+    from zoft.models import load_model
+    from zoft.tuner import BlockMLPs, save_tuner
+
+    assert main(["meta-train", "--output", str(tmp_path / "t"), "--tasks", ","]) == 2
+    _one_error_line(capsys, "--tasks needs at least one task name")
+    blocks = collect_blocks(load_model(str(tiny_model_dir))[0])
+    nan = BlockMLPs(len(blocks))
+    with torch.no_grad():
+        nan.w2.fill_(float("nan"))
+    save_tuner(tmp_path / "nan" / "tuner.safetensors", nan, blocks, {"base_model": "tiny"})
+    save_tuner(tmp_path / "bad" / "tuner.safetensors", BlockMLPs(len(blocks)), blocks, {"estimator": "{not json"})
+    for tuner, expected in [(tmp_path / "nan", "non-finite σ"), (tmp_path / "bad", "'estimator' is not JSON")]:
+        assert main(_finetune(tiny_model_dir, tmp_path / "runs", "--tuner", str(tuner))) == 2
+        _one_error_line(capsys, expected)
+    assert not list((tmp_path / "runs").iterdir())
+    (tmp_path / "afile").write_text("")
+    run = tmp_path / "runs" / "r"
+    assert main(_finetune(tiny_model_dir, tmp_path / "runs", "--run-name", "r")) == 0
+    capsys.readouterr()
+    assert main(["compare", str(run), "--out", str(tmp_path / "afile" / "cmp.png")]) == 2
+    _one_error_line(capsys, "cannot write the plot to")
+
+
+def test_a_truncated_cached_default_model_says_how_to_rebuild_it(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    cached = tmp_path / "cache" / "SmolLM2-135M-Instruct"
+    shutil.copytree(tiny_model_dir, cached)
+    data = (cached / "model.safetensors").read_bytes()
+    (cached / "model.safetensors").write_bytes(data[: len(data) // 3])
+    monkeypatch.setenv("ZOFT_CACHE", str(tmp_path / "cache"))
+    assert main(["eval", "--num-test", "4"]) == 2
+    _one_error_line(capsys, f"remove that folder and zoft converts it again from the GGUF: rm -rf {cached}")
+
+
+def test_grid_reads_yaml_numbers_and_names_a_bad_value(tmp_path, tiny_model_dir):
+    from zoft.errors import ZoftError
+    from zoft.grid import _coerce
+
+    assert _coerce({"lr": "1e-5", "steps": "3", "task": "tweets"}, "g.yaml") == {"lr": 1e-5, "steps": 3, "task": "tweets"}
+    with pytest.raises(ZoftError, match="g.yaml: lr must be a number, got 'fast'"):
+        _coerce({"lr": "fast"}, "g.yaml")
+
+
+def test_four_runs_started_at_once_with_default_names_all_finish(tmp_path, tiny_model_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "zoft.cli", *_finetune(tiny_model_dir, tmp_path / "runs", "--steps", "4")]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4
+    runs = sorted(p for p in (tmp_path / "runs").iterdir())
+    assert len(runs) == 4 and all((r / "summary.json").is_file() for r in runs)
+    assert sorted(line.split("run: ")[1] for o in outs for line in o.splitlines() if line.startswith("run: ")) == \
+        sorted(str(r) for r in runs)
+
+
+def test_a_second_run_with_a_taken_name_and_a_second_grid_are_refused(tmp_path, tiny_model_dir, capsys):
+    from zoft.rundir import GridLock, RunFolder
+
+    folder = RunFolder(tmp_path / "runs" / "r")
+    folder.reserve()  # as a run in progress holds it
+    assert main(_finetune(tiny_model_dir, tmp_path / "runs", "--run-name", "r")) == 2
+    _one_error_line(capsys, "another run named r is running or was interrupted")
+    assert folder.partial.is_dir()  # the first run's folder is untouched
+    folder.discard()
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"output_dir: {tmp_path / 'grid'}\nbase: {{model: '{tiny_model_dir}', steps: 1}}\ngrid: {{seed: [0]}}\n")
+    with GridLock(tmp_path / "grid"):  # as a first grid holds it
+        assert main(["grid", str(grid)]) == 2
+        _one_error_line(capsys, "another zoft grid is running on")
+
+
+@pytest.mark.parametrize("where", ["trajectory", "metrics"])
+def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(where, tmp_path, tiny_model_dir, monkeypatch,
+                                                                       capsys):
+    import zoft.logging
+    import zoft.trajectory
+
+    steps = 12
+    assert main(_args(tiny_model_dir, tmp_path / "a", "r", steps)) == 0
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "trajectory.safetensors")
+
+    if where == "trajectory":
+        monkeypatch.setattr(zoft.trajectory, "save", full)
+    else:
+        real = zoft.logging.JsonlLogger.log
+        monkeypatch.setattr(zoft.logging.JsonlLogger, "log",
+                            lambda self, m, step: full() if step == 7 and "train/loss" in m else real(self, m, step))
+    assert main(_args(tiny_model_dir, tmp_path / "b", "r", steps)) == 2
+    _one_error_line(capsys, "no space left on device")
+    monkeypatch.undo()
+    assert main(["finetune", "--resume", str(tmp_path / "b" / "r")]) == 0
+    _same_run(tmp_path / "a" / "r", tmp_path / "b" / "r")
+
+
+def test_sigterm_checkpoints_and_stops_then_resume_finishes(tmp_path, tiny_model_dir):
+    steps = 60
+    assert main(_args(tiny_model_dir, tmp_path / "a", "r", steps)) == 0
+    cmd = [sys.executable, "-m", "zoft.cli", *_args(tiny_model_dir, tmp_path / "b", "r", steps, "--checkpoint-every", "1000")]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "b" / ".r.partial" / "metrics.jsonl"
+    while proc.poll() is None and (not metrics.is_file() or metrics.read_text().count('"train/loss"') < 5):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143 and "zoft: error: stopped by SIGTERM at step" in err, err
+    assert main(["finetune", "--resume", str(tmp_path / "b" / "r")]) == 0
+    _same_run(tmp_path / "a" / "r", tmp_path / "b" / "r")
+
+
+def test_stale_folders_of_dead_runs_are_removed_and_resumable_ones_kept(tmp_path, tiny_model_dir):
+    cmd = [sys.executable, "-m", "zoft.cli", *_args(tiny_model_dir, tmp_path, "killed", 60)]
+    _kill_at_random_step(cmd, tmp_path / ".killed.partial", 60, seed=3)
+    debris = tmp_path / ".dead.partial"
+    debris.mkdir()
+    (debris / ".lock").write_text("")
+    assert main(_finetune(tiny_model_dir, tmp_path, "--run-name", "next")) == 0
+    assert not debris.exists() and (tmp_path / ".killed.partial" / "checkpoint.safetensors").is_file()
