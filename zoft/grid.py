@@ -8,6 +8,7 @@
         - {estimator: kernel, lr: 1.0e-5, eps: 1.0e-2}
       seed: [0, 1, 2]
     name: "{task}-{estimator}-lr{lr:g}-s{seed}"   # optional; default: the grid values
+                                                  # (keys starting with _ only name runs)
     compare: {x: forward_passes, metric: dev_acc, out: comparison.png}
 
 Every run's config is checked before the first run starts. A run whose directory holds a
@@ -120,6 +121,7 @@ def run_grid(path, log=print) -> str:
     known = {f.name for f in fields(FinetuneConfig)} - {"output_dir", "run_name"}
     configs = []
     for name, config in expand(spec):
+        config = {k: v for k, v in config.items() if not k.startswith("_")}  # _keys only name runs
         unknown = set(config) - known
         if unknown:
             raise ZoftError(f"{path}: unknown finetune settings {sorted(unknown)}")
