@@ -81,7 +81,14 @@ def test_other_commands_refuse_bad_input_in_one_line(tmp_path, tiny_model_dir, c
         nan.w2.fill_(float("nan"))
     save_tuner(tmp_path / "nan" / "tuner.safetensors", nan, blocks, {"base_model": "tiny"})
     save_tuner(tmp_path / "bad" / "tuner.safetensors", BlockMLPs(len(blocks)), blocks, {"estimator": "{not json"})
-    for tuner, expected in [(tmp_path / "nan", "non-finite σ"), (tmp_path / "bad", "'estimator' is not JSON")]:
+    from safetensors.torch import load_file, save_file
+
+    (tmp_path / "noblocks").mkdir()
+    meta = {"format": "zoft-tuner-1", "features": json.dumps(["mean", "var", "loss_plus_prev", "loss_minus_prev",
+                                                              "sigma_prev"]), "hidden": "64"}
+    save_file(load_file(tmp_path / "bad" / "tuner.safetensors"), tmp_path / "noblocks" / "tuner.safetensors", metadata=meta)
+    for tuner, expected in [(tmp_path / "nan", "non-finite σ"), (tmp_path / "bad", "'estimator' is not JSON"),
+                            (tmp_path / "noblocks", "the tuner header's 'blocks' is missing or not JSON")]:
         assert main(_finetune(tiny_model_dir, tmp_path / "runs", "--tuner", str(tuner))) == 2
         _one_error_line(capsys, expected)
     assert not list((tmp_path / "runs").iterdir())

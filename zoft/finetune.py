@@ -374,6 +374,9 @@ def _finish(s: Session, p: Progress, started: float) -> dict:
         else:
             warnings.warn(f"the starting weights of {cfg.model} cannot be read back, so the best-dev model (step"
                           f" {p.best_step}) cannot be rebuilt; the model of the last step is tested")
+    if selected == 0:
+        warnings.warn(f"no step improved on the starting dev accuracy {p.best_acc:.4f}; the model tested is the"
+                      " untouched one (try another lr)")
     test_after = s.evaluate(s.test)
     trajectory.save(s.work / "trajectory.safetensors", s.opt, cfg.method(s.tuner_path), model_id(cfg.model))
     if cfg.save_model:
