@@ -142,6 +142,8 @@ def _finetune(args):
         s = resume(args.resume)
     else:
         s = run(FinetuneConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "handler", "resume")}))
+    if os.environ.get("RANK", "0") != "0":
+        return
     print(f"run: {s['run_dir']}")
     print(f"test {'F1' if s['metric'] == 'f1' else 'accuracy'}: before {s['test_acc_before']:.4f}  after {s['test_acc_after']:.4f}"
           f"  (model at step {s['selected_step']}, best dev {s['best_dev_acc']:.4f})")
@@ -156,7 +158,8 @@ def main(argv=None) -> int:
     try:
         args.handler(args)
     except ZoftError as e:
-        print(f"zoft: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under torchrun, rank 0 speaks for the job
+        print(f"zoft: error: {e}" if rank == "0" else f"zoft: error: [rank {rank}] {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("zoft: interrupted", file=sys.stderr)

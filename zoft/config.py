@@ -66,6 +66,10 @@ class LoopConfig(TaskConfig):
     steps: int = 1000
     batch_size: int = 16
     directions: int = 1
+    accumulate: int = field(default=1, metadata={
+        "help": "micro-batches per probe (the same direction for all): the batch's loss in pieces"})
+    parallel: str = field(default="data", metadata={
+        "help": "under torchrun: data (each rank a shard of the batch) or directions (each rank its own directions)"})
     estimator: str = "spsa"
     perturbation: str = "isotropic"
     update: str = "sgd"
@@ -90,7 +94,12 @@ class LoopConfig(TaskConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_positive(self, "steps", "batch_size", "directions", "eval_every", "num_train", "checkpoint_every")
+        _check_positive(self, "steps", "batch_size", "directions", "eval_every", "num_train", "checkpoint_every",
+                        "accumulate")
+        if self.parallel not in ("data", "directions"):
+            raise ZoftError(f"parallel must be data or directions, got {self.parallel!r}")
+        if self.batch_size % self.accumulate:
+            raise ZoftError(f"batch-size {self.batch_size} must be a multiple of accumulate {self.accumulate}")
         if self.num_dev is not None and self.num_dev < 1:
             raise ZoftError(f"num-dev must be >= 1, got {self.num_dev}")
         for kind in PIECE_KINDS:

@@ -111,6 +111,10 @@ class Batches:
         self._order = self._shuffle()
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        return collate(self.next_items(), self.pad_id, self.device)
+
+    def next_items(self) -> list[Encoded]:
+        """The next batch's examples, not yet collated (to split it into micro-batches)."""
         picked = []
         while len(picked) < self.batch_size:
             if self.position == len(self._order):
@@ -119,7 +123,7 @@ class Batches:
             take = self._order[self.position : self.position + self.batch_size - len(picked)]
             picked += take
             self.position += len(take)
-        return collate([self.items[i] for i in picked], self.pad_id, self.device)
+        return [self.items[i] for i in picked]
 
     def __iter__(self):
         return self

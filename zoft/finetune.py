@@ -35,7 +35,8 @@ from tqdm import tqdm
 import zoft
 from zoft import trajectory
 from zoft.config import EvalConfig, FinetuneConfig, TaskConfig  # noqa: F401 (re-exported)
-from zoft.data import Batches, candidate_token_ids, encode
+from zoft import distributed
+from zoft.data import Batches, candidate_token_ids, collate, encode
 from zoft.errors import RunStopped, ZoftError
 from zoft.logging import JsonlLogger, WandbLogger
 from zoft.models import checkpoint_reader, load_model, model_id
@@ -86,6 +87,7 @@ class Session:
     tuner_path: str | None
     snapshot: dict | None
     folder: RunFolder
+    group: distributed.Group = field(default_factory=distributed.Group)
     loggers: list = field(default_factory=list)
     stop: list = field(default_factory=list)  # the name of a signal asking the run to stop
 
@@ -233,7 +235,7 @@ def _check(cfg: FinetuneConfig):
     return cfg, task, splits
 
 
-def _setup(cfg, task, splits, folder: RunFolder) -> Session:
+def _setup(cfg, task, splits, folder: RunFolder, group: distributed.Group) -> Session:
     device = _resolve_device(cfg.device)
     model, tokenizer = load_model(cfg.model, device=device)
     model = with_adapters(model, cfg)
@@ -243,10 +245,11 @@ def _setup(cfg, task, splits, folder: RunFolder) -> Session:
     method = cfg.method(tuner_path)
     if tuner_path:
         _warn_if_other_eps(tuner_path, method)
+    by_direction = group if group.world > 1 and cfg.parallel == "directions" else None
     opt = build_optimizer(model, method["estimator"], method["perturbation"], method["update"], noise=method["noise"],
-                          num_directions=cfg.directions, seed=cfg.seed, record=True)
+                          num_directions=cfg.directions, seed=cfg.seed, record=True, direction_group=by_direction)
     return Session(cfg, task, model, tokenizer, opt, cand, *encoded, device, tuner_path, _snapshot_if_small(opt),
-                   folder)
+                   folder, group)
 
 
 def _write_config(s: Session):
@@ -258,12 +261,15 @@ def _write_config(s: Session):
               "versions": {"zoft": zoft.__version__, "torch": torch.__version__,
                            "transformers": __import__("transformers").__version__,
                            "python": platform.python_version()}}
-    (s.work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if s.group.main:
+        (s.work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return config
 
 
 def _open_loggers(s: Session, config: dict, keep_bytes: int | None):
     cfg = s.cfg
+    if not s.group.main:  # rank 0 alone writes the run folder
+        return
     s.loggers.append(JsonlLogger(s.work / "metrics.jsonl", keep_bytes))
     if cfg.report_to == "wandb":
         method = config["method"]
@@ -275,6 +281,8 @@ def _open_loggers(s: Session, config: dict, keep_bytes: int | None):
 
 
 def _save_checkpoint(s: Session, p: Progress, batches: Batches):
+    if not s.group.main:
+        return
     p.data, p.metrics_bytes = batches.state_dict(), s.loggers[0].position()
     tensors, rest = s.opt.state_dict()
     tensors.update({f"trajectory/{k}": v for k, v in trajectory.to_tensors(s.opt.history, len(s.opt.blocks)).items()})
@@ -322,11 +330,10 @@ def _loop(s: Session, p: Progress):
     if p.data:
         batches.load_state_dict(p.data)
     bar = tqdm(range(p.step, cfg.steps), initial=p.step, total=cfg.steps, desc=f"zoft {cfg.task}", unit="step",
-               file=sys.stderr, dynamic_ncols=True)
+               file=sys.stderr, dynamic_ncols=True, disable=not s.group.main)
     for step in bar:
-        batch = next(batches)
         t0 = time.perf_counter()
-        loss = opt.step(lambda: classification_loss(s.model, batch, s.cand, cfg.objective, s.task.train_loss))
+        loss = opt.step(_closure(s, batches.next_items()))
         p.train_seconds += time.perf_counter() - t0
         p.forward_passes += opt.last["forward_passes"]
         bar.set_postfix(loss=f"{loss:.3f}", fwd=p.forward_passes, s_step=f"{p.train_seconds / (step + 1):.2f}")
@@ -343,6 +350,18 @@ def _loop(s: Session, p: Progress):
             raise RunStopped(f"stopped by {s.stop[0]} at step {p.step}; continue with: zoft finetune --resume"
                              f" {s.run_dir}", exit_code=130 if s.stop[0] == "SIGINT" else 143)
     bar.close()
+
+
+def _closure(s: Session, items: list):
+    """The step's loss: the whole batch at once, or (with --accumulate, or data parallel) the
+    float64 mean of its micro-batches over the ranks (zoft/distributed.py)."""
+    cfg = s.cfg
+    if cfg.accumulate > 1 or (s.group.world > 1 and cfg.parallel == "data"):
+        group = s.group if cfg.parallel == "data" else distributed.Group()
+        return distributed.ShardedLoss(s.model, s.cand, cfg.objective, s.task.train_loss, s.tokenizer.pad_token_id,
+                                       s.device, cfg.accumulate, group).closure(items)
+    batch = collate(items, s.tokenizer.pad_token_id, s.device)
+    return lambda: classification_loss(s.model, batch, s.cand, cfg.objective, s.task.train_loss)
 
 
 def _watch(s: Session, p: Progress, loss: float):
@@ -378,10 +397,6 @@ def _finish(s: Session, p: Progress, started: float) -> dict:
         warnings.warn(f"no step improved on the starting dev accuracy {p.best_acc:.4f}; the model tested is the"
                       " untouched one (try another lr)")
     test_after = s.evaluate(s.test)
-    trajectory.save(s.work / "trajectory.safetensors", s.opt, cfg.method(s.tuner_path), model_id(cfg.model))
-    if cfg.save_model:
-        s.model.save_pretrained(s.work / "model")
-        s.tokenizer.save_pretrained(s.work / "model")
     summary = {
         "task": cfg.task, "model": model_id(cfg.model), "method": cfg.estimator, "noise": cfg.noise,
         "metric": "f1" if s.task.generates else "accuracy",  # the one under the *_acc keys
@@ -389,7 +404,14 @@ def _finish(s: Session, p: Progress, started: float) -> dict:
         "best_dev_acc": p.best_acc, "best_dev_step": p.best_step, "final_dev_acc": p.dev_acc, "steps": cfg.steps,
         "forward_passes": p.forward_passes, "train_seconds": p.train_seconds, "s_per_step": p.train_seconds / cfg.steps,
         "wall_seconds": time.perf_counter() - started, "peak_memory_mb": _peak_memory_mb(s.device), "device": s.device,
+        "world_size": s.group.world,
     }
+    if not s.group.main:
+        return summary
+    trajectory.save(s.work / "trajectory.safetensors", s.opt, cfg.method(s.tuner_path), model_id(cfg.model))
+    if cfg.save_model:
+        s.model.save_pretrained(s.work / "model")
+        s.tokenizer.save_pretrained(s.work / "model")
     s.log({"test/acc": test_after["acc"]}, cfg.steps)
     for lg in s.loggers:
         lg.summary(summary)
@@ -475,10 +497,12 @@ def run(cfg: FinetuneConfig) -> dict:
     # default names are unique: two runs started in the same second get different ones
     name = cfg.run_name or (f"{task.name.replace(':', '-')}-{cfg.estimator}-s{cfg.seed}-"
                             f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
-    folder = RunFolder(Path(cfg.output_dir) / name)
+    group = distributed.from_env(_resolve_device(cfg.device))
+    folder = RunFolder(Path(cfg.output_dir) / group.broadcast_text(name), owner=group.main)
     folder.reserve()  # before the model loads: a taken name or an unwritable folder fails now
+    group.barrier()
     try:
-        s = _setup(cfg, task, splits, folder)
+        s = _setup(cfg, task, splits, folder, group)
     except BaseException:
         folder.discard()
         raise
@@ -493,11 +517,14 @@ def saved_config(config: dict) -> FinetuneConfig:
 
 def resume(run_dir) -> dict:
     """Continue a killed run from its last checkpoint, with the settings it was started with."""
-    folder = RunFolder(Path(run_dir))
+    RunFolder(Path(run_dir), owner=False).claim()  # is there anything to resume?
+    cfg, task, splits = _check(saved_config(json.loads((partial_dir(Path(run_dir)) / "config.json").read_text())))
+    group = distributed.from_env(_resolve_device(cfg.device))
+    folder = RunFolder(Path(run_dir), owner=group.main)
     folder.claim()
+    group.barrier()
     try:
-        cfg, task, splits = _check(saved_config(json.loads((folder.partial / "config.json").read_text())))
-        s = _setup(cfg, task, splits, folder)
+        s = _setup(cfg, task, splits, folder, group)
         progress = _load_checkpoint(s)
     except BaseException:
         folder.release()

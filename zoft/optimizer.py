@@ -36,7 +36,7 @@ PIECES = ("estimator", "perturbation", "update")
 
 class ZOOptimizer:
     def __init__(self, model: nn.Module, estimator, perturbation, update, *, noise="table",
-                 num_directions: int = 1, seed: int = 0, record: bool = False):
+                 num_directions: int = 1, seed: int = 0, record: bool = False, direction_group=None):
         if num_directions < 1:
             raise ZoftError(f"num_directions must be >= 1, got {num_directions}")
         self.estimator, self.perturbation, self.update = estimator, perturbation, update
@@ -45,6 +45,9 @@ class ZOOptimizer:
         self.model = model
         self.perturber = Perturber(model, self.blocks, self.noise)
         self.num_directions, self.seed = num_directions, seed
+        # direction parallel: this rank evaluates directions rank, rank + world, ...; the losses
+        # are summed over ranks (zoft/distributed.py)
+        self.direction_group = direction_group
         self.step_count = 0
         self.states = {k: getattr(self, k).init(self.blocks) for k in PIECES}
         self.prev_losses: tuple[float, float] | None = None
@@ -66,11 +69,7 @@ class ZOOptimizer:
         self.perturber.shaper = self.perturbation.shaper(states["perturbation"])
         seeds = [derive(self.seed, t, i) for i in range(n)]
         probes = [self.estimator.probe(seed, t, len(self.blocks)) for seed in seeds]
-        losses = []
-        for seed, probe in zip(seeds, probes):
-            losses.append(self.perturber.losses_at(seed, probe.points, sigma, closure))
-            self._check_reach(sigma)
-        values = torch.stack([v.detach().float().cpu() for row in losses for v in row]).view(n, -1).tolist()
+        values = self._losses(seeds, probes, sigma, closure)
         if not all(math.isfinite(v) for row in values for v in row):
             raise ZoftError(f"non-finite loss at step {t} (losses {values}); this step was not applied"
                             " - lower lr or eps")
@@ -88,6 +87,21 @@ class ZOOptimizer:
         self.last = {"loss_plus": means[0], "loss_minus": means[-1], **metrics, "lr": self.update.lr(t),
                      "forward_passes": n * len(values[0])}
         return means[0]
+
+    def _losses(self, seeds, probes, sigma, closure) -> list[list[float]]:
+        """[direction][point] losses, after one host sync (and, direction parallel, one sum over ranks)."""
+        group = self.direction_group
+        mine = range(len(seeds)) if group is None else range(group.rank, len(seeds), group.world)
+        losses = {}
+        for i in mine:
+            losses[i] = self.perturber.losses_at(seeds[i], probes[i].points, sigma, closure)
+            self._check_reach(sigma)
+        if group is None:
+            return torch.stack([v.detach().float().cpu() for i in mine for v in losses[i]]).view(len(seeds), -1).tolist()
+        values = torch.zeros(len(seeds), len(probes[0].points), dtype=torch.float64)
+        for i, row in losses.items():
+            values[i] = torch.stack([v.detach().float().cpu() for v in row]).double()
+        return group.sum_(values).tolist()  # every other rank adds 0 to a slot: exact
 
     def _estimate(self, values, probes, sigma, states):
         """grad [n, blocks] with ĝ_b = Σ_i grad[i, b] z_b(seed_i) (σ and 1/n folded in), and the

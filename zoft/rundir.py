@@ -71,13 +71,18 @@ def remove_stale(folder: Path):
 
 
 class RunFolder:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, owner: bool = True):
+        """``owner`` False (the ranks but rank 0 of a distributed run): the folder is read, never
+        reserved, locked, renamed or removed."""
         self.run_dir = Path(run_dir)
         self.partial = self.run_dir.parent / f".{self.run_dir.name}.partial"
+        self.owner = owner
         self._fd: int | None = None
 
     def reserve(self):
         """Take the name for a fresh run: fails at once if any process has it."""
+        if not self.owner:
+            return
         parent = self.run_dir.parent
         check_writable(parent)
         remove_stale(parent)
@@ -102,6 +107,8 @@ class RunFolder:
             raise ZoftError(f"{self.run_dir} is complete; nothing to resume")
         if not (self.partial / CHECKPOINT).is_file():
             raise ZoftError(f"no checkpoint to resume in {self.partial}")
+        if not self.owner:
+            return
         self._fd = _try_lock(self.partial / ".lock")
         if self._fd is None:
             raise ZoftError(f"{self.run_dir.name} is being run by another process")
@@ -113,12 +120,16 @@ class RunFolder:
 
     def commit(self):
         """The run succeeded: its folder takes its final name, without the resume files."""
+        if not self.owner:
+            return
         (self.partial / CHECKPOINT).unlink(missing_ok=True)
         (self.partial / ".lock").unlink(missing_ok=True)
         os.rename(self.partial, self.run_dir)
         self.release()
 
     def discard(self):
+        if not self.owner:
+            return
         shutil.rmtree(self.partial, ignore_errors=True)
         self.release()
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from zoft.data import collate
+from zoft.errors import ZoftError
 from zoft.perturb import perturbed_rows
 
 
@@ -115,6 +116,23 @@ def classification_loss(model, batch, candidate_ids, objective: str = "loss", tr
     if objective == "loss":
         return F.cross_entropy(logits, batch["labels"])
     return torch.tensor(-METRICS[objective](logits.argmax(-1), batch["labels"]))
+
+
+def loss_terms(model, batch, candidate_ids, objective: str = "loss", train_loss: str = "choice"):
+    """(sum, count) of the objective over a micro-batch, so that micro-batches and ranks add up to
+    the global batch's mean exactly: per example for cross-entropy and accuracy, per token for the
+    LM loss. Macro F1 is not a sum over examples and is refused."""
+    if objective == "loss" and train_loss == "lm":
+        gold = batch["slot"] == batch["labels"][batch["owner"]]
+        sub = {k: batch[k][gold] for k in ("input_ids", "lengths", "option_start")}
+        sums, counts = option_log_likelihoods(model, {**sub, "input_ids": sub["input_ids"][:, : int(sub["lengths"].max())]})
+        return -sums.sum(), counts.sum()
+    logits = task_logits(model, batch, candidate_ids)
+    if objective == "loss":
+        return F.cross_entropy(logits, batch["labels"], reduction="sum"), len(batch["labels"])
+    if objective == "accuracy":
+        return -(logits.argmax(-1) == batch["labels"]).sum().float(), len(batch["labels"])
+    raise ZoftError(f"objective {objective} is not a mean over examples: it cannot be split into micro-batches or ranks")
 
 
 @torch.inference_mode()
