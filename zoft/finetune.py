@@ -164,19 +164,44 @@ def with_adapters(model, cfg):
     the architecture. Seeded, so a resume or a replay rebuilds the same starting adapters."""
     if cfg.peft == "none":
         return model
+    return _adapted(model, cfg).eval()  # peft may leave the model in train mode: dropout would differ per probe
+
+
+def _adapted(model, cfg):
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn from the global generator
     if cfg.peft == "prefix":
         model = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=cfg.prefix_tokens, task_type="CAUSAL_LM"))
-        init_prefix_from_activations(model, cfg.seed)
+        try:
+            init_prefix_from_activations(model, cfg.seed)
+        except Exception as e:  # peft's prefix path does not support every attention layout
+            kind = type(model.get_base_model().config).model_type
+            raise ZoftError(f"prefix tuning does not work on {kind} here ({type(e).__name__}: {str(e)[:120]});"
+                            " use --peft lora") from None
         return model
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()] or None
-    try:
+
+    def lora(target_modules):
         return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                target_modules=targets, task_type="CAUSAL_LM"))
+                                                target_modules=target_modules, task_type="CAUSAL_LM"))
+
+    try:
+        return lora(targets)
     except ValueError as e:
-        raise ZoftError(f"cannot add LoRA adapters: {str(e).splitlines()[0]}") from None
+        if targets is not None:
+            raise ZoftError(f"cannot add LoRA adapters: {str(e).splitlines()[0]}") from None
+    return lora(_attention_projections(model))  # peft has no default for this architecture
+
+
+def _attention_projections(model) -> list[str]:
+    """LoRA targets where peft has no default for the architecture: its attention projections."""
+    linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for choice in (["q_proj", "v_proj"], ["qkv_proj"], ["query_key_value"], ["c_attn"], ["Wqkv"]):
+        if set(choice) <= linear:
+            return choice
+    raise ZoftError(f"no default LoRA targets for {type(model.config).model_type}; pass --lora-targets with some of:"
+                    f" {', '.join(sorted(linear))}")
 
 
 @torch.no_grad()
@@ -195,11 +220,12 @@ def init_prefix_from_activations(model, seed: int):
 
 
 def _snapshot_if_small(opt, limit_fraction: float = 0.1):
-    """A copy of the starting trainable tensors when they are few (adapters): best-dev
-    selection replays from it. Full fine-tuning reads the checkpoint instead of holding a copy."""
+    """A copy of the starting trainable tensors when they are few, or adapters (which no
+    checkpoint holds): best-dev selection replays from it. Full fine-tuning reads the checkpoint
+    instead of holding a copy."""
     trainable = sum(b.numel for b in opt.blocks)
     total = sum(p.numel() for p in opt.model.parameters())
-    if trainable > limit_fraction * total:
+    if trainable > limit_fraction * total and not hasattr(opt.model, "peft_config"):
         return None
     return {b.name: b.param.detach().clone() for b in opt.blocks}
 
@@ -212,13 +238,28 @@ def restore_step(opt, model_name: str, upto: int, snapshot: dict | None = None) 
     else:
         read = checkpoint_reader(model_name)
         initial = {b.name: read(b.name) for b in opt.blocks} if read else {}
-        if not read or any(t is None for t in initial.values()):
+        if read and any(t is None for t in initial.values()):
+            initial = _loaded_weights(model_name, [b.name for b in opt.blocks])
+        if not read or initial is None:
             return False
     with torch.no_grad():
         for b in opt.blocks:
             b.param.data.copy_(initial.pop(b.name))
     opt.replay(opt.history[:upto])
     return True
+
+
+def _loaded_weights(model_name: str, names: list[str]) -> dict | None:
+    """The starting weights as transformers loads them, for checkpoints whose keys it renames on
+    load (GPT-NeoX's embed_out, fused experts): a second copy of the model, briefly."""
+    from transformers import AutoModelForCausalLM
+
+    from zoft.models import resolve
+
+    fresh = dict(AutoModelForCausalLM.from_pretrained(resolve(model_name), dtype=torch.float32).named_parameters())
+    if not all(n in fresh for n in names):
+        return None
+    return {n: fresh[n].detach() for n in names}
 
 
 def _check(cfg: FinetuneConfig):

@@ -80,6 +80,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(name)
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+        raise ZoftError(f"model path not found: {name}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)

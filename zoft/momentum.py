@@ -44,7 +44,7 @@ class Momentum(SGD):
     def init(self, blocks) -> MomentumState:
         return MomentumState(torch.zeros(0, 0, dtype=torch.int64), torch.zeros(0, 0, len(blocks), dtype=torch.float64))
 
-    def step(self, state: MomentumState, seeds, grad, step, blocks, block_norms):
+    def step(self, state: MomentumState, seeds, grad, step, blocks, block_norms, lr=None):
         grad = self.clipped(grad, block_norms)
         keep = self.cfg.window - 1
         past_seeds, past_grads = torch.tensor([seeds], dtype=torch.int64), grad[None]
@@ -55,5 +55,5 @@ class Momentum(SGD):
             past_grads = torch.cat([past_grads, state.grads[:keep]])
         weights = self.cfg.beta ** torch.arange(len(past_grads), dtype=torch.float64)
         combined = (weights[:, None, None] * past_grads).flatten(0, 1)
-        applied = self.emit(past_seeds.flatten().tolist(), combined, step, blocks)
+        applied = self.emit(past_seeds.flatten().tolist(), combined, step, blocks, lr)
         return applied, MomentumState(past_seeds, past_grads)

@@ -42,6 +42,11 @@ class ZOOptimizer:
         self.estimator, self.perturbation, self.update = estimator, perturbation, update
         self.noise = make_noise(noise) if isinstance(noise, (str, dict)) else noise
         self.blocks = collect_blocks(model)
+        dropout = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+        if model.training and dropout:
+            warnings.warn(f"the model is in train mode with {len(dropout)} active dropout layers: the two probes of a"
+                          " step then see different dropout masks, and the projected gradient is mostly their noise;"
+                          " call model.eval()", stacklevel=2)
         self.model = model
         self.perturber = Perturber(model, self.blocks, self.noise)
         self.num_directions, self.seed = num_directions, seed
@@ -57,9 +62,10 @@ class ZOOptimizer:
         self._reach_checked = False
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor | float]) -> float:
+    def step(self, closure: Callable[[], torch.Tensor | float], lr: float | None = None) -> float:
         """One ZO step; ``closure`` returns the loss on a fixed batch. Returns the mean loss at the
-        first probe point (L(θ+) for two-point estimators)."""
+        first probe point (L(θ+) for two-point estimators). ``lr`` (a torch scheduler's, say)
+        replaces the update's own schedule for this step."""
         t, n, states = self.step_count, self.num_directions, dict(self.states)
         mix = self.update.mix(t)
         if mix is not None:
@@ -75,7 +81,7 @@ class ZOOptimizer:
                             " - lower lr or eps")
         grad, metrics = self._estimate(values, probes, sigma, states)
         applied, states["update"] = self.update.step(
-            states["update"], seeds, grad, t, self.blocks, lambda g: self.perturber.combination_norms(seeds, g))
+            states["update"], seeds, grad, t, self.blocks, lambda g: self.perturber.combination_norms(seeds, g), lr=lr)
         stats = self._apply(applied, states["update"], with_stats=self.perturbation.needs_block_stats)
         if stats is not None:
             states["perturbation"] = self.perturbation.observe(states["perturbation"], stats)
@@ -84,7 +90,8 @@ class ZOOptimizer:
         means = [sum(row[j] for row in values) / n for j in range(len(values[0]))]
         self.states, self.prev_losses, self.last_scales = states, (means[0], means[-1]), sigma
         self.step_count += 1
-        self.last = {"loss_plus": means[0], "loss_minus": means[-1], **metrics, "lr": self.update.lr(t),
+        self.last = {"loss_plus": means[0], "loss_minus": means[-1], **metrics,
+                     "lr": self.update.lr(t) if lr is None else lr,
                      "forward_passes": n * len(values[0])}
         return means[0]
 

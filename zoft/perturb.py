@@ -27,6 +27,8 @@ def perturbed_rows(weight: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
     rows = weight[row_ids]
     if _active is None:
         return rows
+    if weight.dim() == 1:  # a bias: elements, not rows
+        return _active.perturb_elements(weight, row_ids, rows)
     return _active.perturb_rows(weight, row_ids, rows)
 
 
@@ -198,6 +200,15 @@ class Perturber:
         rows = output.reshape(-1, output.shape[-1])  # a plain lookup's output is weight[ids]
         perturbed = self.perturb_rows(module.weight, ids.reshape(-1), rows)
         return None if perturbed is rows else perturbed.view(output.shape)
+
+    def perturb_elements(self, tensor, ids, values):
+        """values (= tensor[ids]) + s·z[ids], for a small 1-D tensor read by index (an output bias)."""
+        block = self._block_of.get(id(tensor))
+        if block is None or self._scales[block.index] == 0.0:
+            return values
+        self.touched.add(block.index)
+        z = torch.cat([z for _, _, z in self.direction_chunks(self._seed, block)])
+        return values + self._scales[block.index] * z[ids].to(tensor.dtype)
 
     def perturb_rows(self, weight, row_ids, rows):
         """rows (= weight[row_ids]) + s·z[row_ids]; ``rows`` itself if unperturbed."""

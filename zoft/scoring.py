@@ -42,13 +42,19 @@ def answer_states(model, batch) -> torch.Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["lengths"] - 1]
 
 
+def softcapped(model, logits: torch.Tensor) -> torch.Tensor:
+    """The model's final logit soft-capping (Gemma 2: cap · tanh(logits / cap)), as its own head applies it."""
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if not cap else torch.tanh(logits / cap) * cap
+
+
 def candidate_logits(model, batch, candidate_ids: torch.Tensor) -> torch.Tensor:
     head = model.get_output_embeddings()
     h = answer_states(model, batch)
     logits = h @ perturbed_rows(head.weight, candidate_ids).T
-    if getattr(head, "bias", None) is not None:
-        logits = logits + head.bias[candidate_ids]
-    return logits
+    if getattr(head, "bias", None) is not None:  # perturbed too: the loss reads it (Phi)
+        logits = logits + perturbed_rows(head.bias, candidate_ids)
+    return softcapped(model, logits)
 
 
 def option_log_likelihoods(model, batch) -> torch.Tensor:
@@ -58,7 +64,7 @@ def option_log_likelihoods(model, batch) -> torch.Tensor:
     target = torch.arange(1, ids.shape[1], device=ids.device)[None]  # position of the predicted token
     scored = (target >= batch["option_start"][:, None]) & (target < batch["lengths"][:, None])
     rows, cols = scored.nonzero(as_tuple=True)
-    logits = model.get_output_embeddings()(hidden[rows, cols]).float()
+    logits = softcapped(model, model.get_output_embeddings()(hidden[rows, cols]).float())
     token_logp = logits.log_softmax(-1).gather(1, ids[rows, cols + 1][:, None]).squeeze(1)
     sums = torch.zeros(ids.shape[0], device=ids.device).index_add_(0, rows, token_logp)
     return sums, scored.sum(1)

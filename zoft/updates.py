@@ -90,13 +90,15 @@ class SGD:
         factors = [min(1.0, c / n) if n > 0 else 1.0 for n in block_norms(grad)]
         return grad * torch.tensor(factors, dtype=grad.dtype)
 
-    def emit(self, seeds: list[int], grad: torch.Tensor, step: int, blocks) -> AppliedStep:
+    def emit(self, seeds: list[int], grad: torch.Tensor, step: int, blocks, lr: float | None = None) -> AppliedStep:
+        rate = self.lr(step) if lr is None else lr
         decay = None
         if self.cfg.weight_decay:
-            keep = 1.0 - self.lr(step) * self.cfg.weight_decay
+            keep = 1.0 - rate * self.cfg.weight_decay
             decay = torch.tensor([1.0 if b.no_decay else keep for b in blocks], dtype=torch.float64)
-        return AppliedStep(list(seeds), -self.lr(step) * grad, decay, self.mix(step))
+        return AppliedStep(list(seeds), -rate * grad, decay, self.mix(step))
 
-    def step(self, state, seeds: list[int], grad: torch.Tensor, step: int, blocks, block_norms):
-        """(AppliedStep, new state) from the step's estimates ĝ_b = Σ_i grad[i, b] z_b(seeds[i])."""
-        return self.emit(seeds, self.clipped(grad, block_norms), step, blocks), state
+    def step(self, state, seeds: list[int], grad: torch.Tensor, step: int, blocks, block_norms, lr=None):
+        """(AppliedStep, new state) from the step's estimates ĝ_b = Σ_i grad[i, b] z_b(seeds[i]);
+        ``lr``, when given (a torch scheduler's), replaces the update's own schedule."""
+        return self.emit(seeds, self.clipped(grad, block_norms), step, blocks, lr), state
