@@ -48,7 +48,8 @@ def test_finetune_writes_a_complete_run_directory(tmp_path, tiny_model_dir, caps
         (["--estimator", "fancy"], "estimator must be one of"),
         (["--objective", "bleu"], "objective must be loss, accuracy or f1"),
         (["--task", "sst2", "--data-dir", "/no/such/dir"], "data dir not found"),
-        (["--model", "/no/such/model"], "cannot load model '/no/such/model'"),
+        (["--model", "/no/such/model"], "model path not found: /no/such/model"),
+        (["--model", "no-such-org/no-such-model"], "cannot load model 'no-such-org/no-such-model'"),
     ],
 )
 def test_bad_input_is_one_error_line_exit_2_and_no_run_dir(tmp_path, tiny_model_dir, capsys, args, message):
