@@ -44,6 +44,7 @@ def _jsonl_case(tmp_path, rows, raw=b"", template="{text} It was"):
 CASES = {
     "output dir is a file": (lambda t: ["--output-dir", str(t / "afile")], "is not a writable folder"),
     "lr inf": (lambda t: ["--lr", "inf"], "lr must be a finite number > 0"),
+    "dtype fp8": (lambda t: ["--dtype", "fp8"], "dtype must be one of auto, fp32, bf16, fp16"),
     "eps inf": (lambda t: ["--eps", "inf"], "eps must be a finite number > 0"),
     "lr 1e3 diverges": (lambda t: ["--lr", "1e3", "--steps", "40"], "lower lr"),
     "lr 1e38": (lambda t: ["--lr", "1e38", "--steps", "40"], "lower lr"),

@@ -76,8 +76,9 @@ def test_resume_errors(tmp_path, tiny_model_dir, capsys):
     assert "is complete; nothing to resume" in capsys.readouterr().err
 
 
-def test_replay_rebuilds_the_saved_model_bit_for_bit(tmp_path, tiny_model_dir, capsys):
-    assert main(_args(tiny_model_dir, tmp_path, "r", 12, "--save-model", "--weight-decay", "0.1")) == 0
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_replay_rebuilds_the_saved_model_bit_for_bit(tmp_path, tiny_model_dir, capsys, dtype):
+    assert main(_args(tiny_model_dir, tmp_path, "r", 12, "--save-model", "--weight-decay", "0.1", "--dtype", dtype)) == 0
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert 0 < summary["selected_step"] or summary["best_dev_step"] == 0
     assert main(["replay", str(tmp_path / "r"), "--out", str(tmp_path / "replayed")]) == 0
@@ -87,6 +88,8 @@ def test_replay_rebuilds_the_saved_model_bit_for_bit(tmp_path, tiny_model_dir, c
         assert f.read_bytes() == (replayed / f.name).read_bytes(), f.name
     base = load_file(tiny_model_dir / "model.safetensors")
     tuned = load_file(saved / "model.safetensors")
+    assert {t.dtype for t in tuned.values()} == {torch.bfloat16 if dtype == "bf16" else torch.float32}
+    base = {k: v.to(tuned[k].dtype) for k, v in base.items() if k in tuned}
     assert any(not torch.equal(base[k], tuned[k]) for k in base if k in tuned) == (summary["selected_step"] > 0)
     assert main(["replay", str(tmp_path / "r"), "--out", str(tmp_path / "replayed")]) == 2
     assert "output already exists" in capsys.readouterr().err

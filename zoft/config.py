@@ -19,6 +19,12 @@ from zoft.models import DEFAULT_MODEL
 from zoft.registry import entry, full_spec, names, piece_fields
 
 PIECE_KINDS = ("estimator", "perturbation", "update", "noise")
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def torch_dtype(name: str, device: str) -> torch.dtype:
+    """The weights' dtype: as asked, or fp32 on CPU and bf16 on CUDA."""
+    return DTYPES[name] or (torch.bfloat16 if device == "cuda" else torch.float32)
 # piece settings the loop fills in itself, never flags: the tuner's path (--tuner), the batch
 # size and horizon (--batch-size, --steps), and what a tuner's header records
 DERIVED = {"path", "batch_size", "total_steps", "dim_rule", "tokens_per_example"}
@@ -45,9 +51,12 @@ class TaskConfig:
     eval_batch_size: int = 32
     max_length: int = 256
     device: str = "auto"
+    dtype: str = field(default="auto", metadata={"help": "fp32, bf16 or fp16; auto: fp32 on CPU, bf16 on CUDA"})
 
     def __post_init__(self):
         _check_positive(self, "num_test", "eval_batch_size", "max_length")
+        if self.dtype not in DTYPES:
+            raise ZoftError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ZoftError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():

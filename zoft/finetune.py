@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import zoft
 from zoft import trajectory
-from zoft.config import EvalConfig, FinetuneConfig, TaskConfig  # noqa: F401 (re-exported)
+from zoft.config import EvalConfig, FinetuneConfig, TaskConfig, torch_dtype  # noqa: F401 (re-exported)
 from zoft import distributed
 from zoft.data import Batches, candidate_token_ids, collate, encode
 from zoft.errors import RunStopped, ZoftError
@@ -256,7 +256,7 @@ def _loaded_weights(model_name: str, names: list[str]) -> dict | None:
 
     from zoft.models import resolve
 
-    fresh = dict(AutoModelForCausalLM.from_pretrained(resolve(model_name), dtype=torch.float32).named_parameters())
+    fresh = dict(AutoModelForCausalLM.from_pretrained(resolve(model_name)).named_parameters())
     if not all(n in fresh for n in names):
         return None
     return {n: fresh[n].detach() for n in names}
@@ -278,7 +278,7 @@ def _check(cfg: FinetuneConfig):
 
 def _setup(cfg, task, splits, folder: RunFolder, group: distributed.Group) -> Session:
     device = _resolve_device(cfg.device)
-    model, tokenizer = load_model(cfg.model, device=device)
+    model, tokenizer = load_model(cfg.model, dtype=torch_dtype(cfg.dtype, device), device=device)
     model = with_adapters(model, cfg)
     cand = candidate_token_ids(task, tokenizer, device)
     encoded = [encode(task, part, tokenizer, cfg.max_length) for part in (splits.train, splits.dev, splits.test)]
@@ -586,7 +586,8 @@ def replay_run(run_dir, out) -> Path:
         raise ZoftError(f"{run_dir} is not a complete run directory ({type(e).__name__}: {e})") from None
     steps, meta = trajectory.read(run_dir / "trajectory.safetensors")
     cfg = saved_config(config)
-    model, tokenizer = load_model(cfg.model, device=config.get("device", "cpu"))
+    device = config.get("device", "cpu")
+    model, tokenizer = load_model(cfg.model, dtype=torch_dtype(cfg.dtype, device), device=device)
     model = with_adapters(model, cfg)
     method = meta["method"]
     opt = build_optimizer(model, method["estimator"], method["perturbation"], method["update"], noise=meta["noise"],
@@ -606,7 +607,7 @@ def zero_shot(cfg: EvalConfig) -> dict:
     task = resolve_task(cfg)
     splits = sample_splits(task, cfg.data_dir, 1, task.num_dev, cfg.num_test, cfg.data_seed, for_training=False)
     device = _resolve_device(cfg.device)
-    model, tokenizer = load_model(cfg.model, device=device)
+    model, tokenizer = load_model(cfg.model, dtype=torch_dtype(cfg.dtype, device), device=device)
     cand = candidate_token_ids(task, tokenizer, device)
     items = encode(task, splits.test, tokenizer, cfg.max_length)
     result = evaluate_task(model, task, items, cand, tokenizer, cfg.eval_batch_size, device)
