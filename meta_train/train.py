@@ -242,7 +242,7 @@ def _write_card(out: Path, work: Path, cfg: MetaTrainConfig, num_blocks: int):
     minutes = records[-1]["seconds"] / 60 if records else 0.0
     periods = [gains[i : i + cfg.restart_every] for i in range(0, len(gains), cfg.restart_every)]
     period_gains = [sum(p) / len(p) for p in periods]
-    (out / "README.md").write_text(f"""# Perturbation tuner: {out.name}
+    body = f"""# Perturbation tuner: {out.name}
 
 Base model: {model_id(cfg.model)} ({num_blocks} blocks). Meta-trained for the `{cfg.estimator}`
 estimator on: {cfg.tasks}. Use it with `zoft finetune --tuner {out}` (or `--tuner auto`).
@@ -262,7 +262,19 @@ tuner's scales, on the step's batch), mean of the first and last {window} steps:
 Mean L(θ′) − L(θ) per restart period (the LLM replays from θ₀ each period; the first starts
 from isotropic scales): {", ".join(f"{g:+.4f}" for g in period_gains)}.
 Evaluation on tasks not used here: see the repository's `bench/convergence.py`.
-""")
+"""
+    _save_card(out, cfg, body)
+
+
+def _save_card(out: Path, cfg: MetaTrainConfig, body: str):
+    """README.md as the Hub reads a model card: YAML metadata (base model, library, tags, the
+    meta-training tasks as datasets), then the body."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = model_id(cfg.model).split(" ")[0]  # the hub id, without the default's "(GGUF ...)" note
+    data = ModelCardData(base_model=base, library_name="zoft", datasets=[t.strip() for t in cfg.tasks.split(",")],
+                         tags=["zeroth-order", "perturbation-tuner", "zo-fine-tuner", cfg.estimator])
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(out / "README.md")
 
 
 def state_dir(cfg: MetaTrainConfig) -> Path:
