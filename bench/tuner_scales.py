@@ -17,9 +17,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from zoft.blocks import collect_blocks  # noqa: E402
 from zoft.models import DEFAULT_MODEL, load_model  # noqa: E402
-from zoft.perturbations import LearnedScale, LearnedScaleConfig  # noqa: E402
+from zoft.tuner_heatmap import effective_scales  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,11 +29,7 @@ def main():
     ap.add_argument("--model", default=DEFAULT_MODEL)
     args = ap.parse_args()
     model, _ = load_model(args.model)
-    blocks = collect_blocks(model)
-    learned = LearnedScale(LearnedScaleConfig(path=args.tuner, batch_size=16))
-    state = learned.init(blocks)
-    for _ in range(5):
-        scales, state = learned.scales(blocks, state, prev_losses=(0.7, 0.7))
+    blocks, scales = effective_scales(args.tuner, model)
     kinds: dict[str, list[float]] = {}
     for b, s in zip(blocks, scales):
         kind = b.name.rsplit(".", 2)[-2] if ".layers." in b.name else b.name

@@ -198,7 +198,7 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
     _checkpoint(out, work, cfg, learned.net, tuner_opt, blocks, streams, sigma_prev, prev_losses, cfg.steps, curve,
                 log_file.tell())
     log_file.close()
-    _write_card(out, work, cfg, len(blocks))
+    _write_card(out, work, cfg, model)
     if wandb_run:
         wandb_run.artifact(out, f"tuner-{out.name}", "zoft-tuner",
                            {"base_model": model_id(cfg.model), "steps": cfg.steps, "tasks": cfg.tasks})
@@ -206,7 +206,7 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
     return out / "tuner.safetensors"
 
 
-def _write_card(out: Path, work: Path, cfg: MetaTrainConfig, num_blocks: int):
+def _write_card(out: Path, work: Path, cfg: MetaTrainConfig, model):
     """README.md beside the tuner: what it is for, how it was made, its meta-loss curve."""
     import matplotlib
 
@@ -237,6 +237,9 @@ def _write_card(out: Path, work: Path, cfg: MetaTrainConfig, num_blocks: int):
     fig.tight_layout()
     fig.savefig(out / "meta_train_curve.png", dpi=110)
     plt.close(fig)
+    from zoft.tuner_heatmap import draw, effective_scales
+
+    draw(*effective_scales(out / "tuner.safetensors", model), out / "scales.png", title=out.name)
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
                      if v not in (None, "") and k not in ("report_to", "wandb_project"))
     minutes = records[-1]["seconds"] / 60 if records else 0.0
@@ -244,7 +247,7 @@ def _write_card(out: Path, work: Path, cfg: MetaTrainConfig, num_blocks: int):
     period_gains = [sum(p) / len(p) for p in periods]
     body = f"""# Perturbation tuner: {out.name}
 
-Base model: {model_id(cfg.model)} ({num_blocks} blocks). Meta-trained for the `{cfg.estimator}`
+Base model: {model_id(cfg.model)} ({len(collect_blocks(model))} blocks). Meta-trained for the `{cfg.estimator}`
 estimator on: {cfg.tasks}. Use it with `zoft finetune --tuner {out}` (or `--tuner auto`).
 
 Made with:
@@ -255,6 +258,11 @@ Made with:
 {minutes:.0f} min (the steps of a resumed run are counted from its start).
 
 ![meta-training curve](meta_train_curve.png)
+
+What it learned, `zoft tuner-heatmap` (effective scale cσ per block, log10; 0 is MeZO's
+isotropic perturbation):
+
+![effective scales](scales.png)
 
 Look-ahead gain L(θ′) − L(θ) (the loss change of one ZO step of lr {cfg.lr_update:g} with the
 tuner's scales, on the step's batch), mean of the first and last {window} steps:

@@ -82,7 +82,7 @@ def test_meta_training_changes_the_tuner_writes_a_loadable_artifact_and_resumes(
     lines = (tmp_path / ".tuner.meta-train" / "meta_train.jsonl").read_text().splitlines()
     assert len(lines) == 4
     assert sorted(p.name for p in (tmp_path / "tuner").iterdir()) == ["README.md", "meta_train_curve.png",
-                                                                        "tuner.safetensors"]
+                                                                        "scales.png", "tuner.safetensors"]
     card = (tmp_path / "tuner" / "README.md").read_text()
     assert "zoft meta-train --output" in card and "--steps 4" in card
     from huggingface_hub import ModelCard
@@ -91,6 +91,7 @@ def test_meta_training_changes_the_tuner_writes_a_loadable_artifact_and_resumes(
     assert hub.data.library_name == "zoft" and hub.data.datasets == ["tweets"] and "perturbation-tuner" in hub.data.tags
     assert hub.data.base_model == str(tiny_model_dir)
     assert (tmp_path / "tuner" / "meta_train_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "tuner" / "scales.png").read_bytes()[:4] == b"\x89PNG" and "![effective scales](scales.png)" in card
     with pytest.raises(zoft.ZoftError, match="other settings"):
         meta_train(MetaTrainConfig(**{**base, "lr_tuner": 0.5}, steps=6))
 

@@ -116,3 +116,19 @@ def test_finetune_with_a_tuner_file_and_its_errors(tmp_path, tiny_model_dir, cap
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["t", "t1", "t2"]
     assert main([*args, "--tuner", "auto", "--run-name", "a"]) == 0
     assert "tuner: none shipped for this model; isotropic" in capsys.readouterr().err
+
+
+def test_tuner_heatmap_draws_layer_by_module_type(tmp_path, tiny_model_dir, capsys):
+    from zoft.cli import main
+    from zoft.models import load_model
+    from zoft.tuner_heatmap import effective_scales
+
+    model, _ = load_model(str(tiny_model_dir))
+    blocks = collect_blocks(model)
+    save_tuner(tmp_path / "t" / "tuner.safetensors", BlockMLPs(len(blocks), seed=3), blocks, {"base_model": "tiny"})
+    _, scales = effective_scales(tmp_path / "t", model)
+    assert len(scales) == len(blocks) and len(set(scales)) > 1
+    assert main(["tuner-heatmap", str(tmp_path / "t"), "--model", str(tiny_model_dir), "--out", str(tmp_path / "h.png")]) == 0
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".*.tmp.png"))
+    assert main(["tuner-heatmap", str(tmp_path / "nope"), "--model", str(tiny_model_dir), "--out", str(tmp_path / "x.png")]) == 2
+    assert "tuner file not found" in capsys.readouterr().err

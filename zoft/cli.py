@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from dataclasses import fields
 
 from zoft.errors import ZoftError
@@ -86,6 +87,11 @@ def build_parser():
     cmp.add_argument("--baseline", help="method whose final dev accuracy is the target (default spsa)")
     cmp.add_argument("--target", type=float, help="dev accuracy target for 'forward passes to target'")
     cmp.set_defaults(handler=_compare)
+    hm = sub.add_parser("tuner-heatmap", help="draw a tuner's effective scales (layer × module type) into a PNG")
+    hm.add_argument("tuner", metavar="TUNER")
+    hm.add_argument("--model", default=None, help="the model it was made for (default: the embedded default)")
+    hm.add_argument("--out", required=True, help="PNG file")
+    hm.set_defaults(handler=_heatmap)
     grid = sub.add_parser("grid", help="run the cartesian product of a grid file, then compare")
     grid.add_argument("grid_file", metavar="GRID.yaml")
     grid.set_defaults(handler=_grid)
@@ -125,6 +131,17 @@ def _eval(args):
     r = zero_shot(EvalConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "handler")}))
     metric = f"F1 {r['f1']:.4f}, exact match {r['em']:.4f}" if "f1" in r else f"accuracy {r['acc']:.4f}"
     print(f"{r['task']}: zero-shot test {metric}, loss {r['loss']:.4f} ({r['num_test']} examples)")
+
+
+def _heatmap(args):
+    from zoft.models import DEFAULT_MODEL, load_model
+    from zoft.tuner_heatmap import draw, effective_scales
+
+    _quiet_transformers()
+    model, _ = load_model(args.model or DEFAULT_MODEL)
+    blocks, scales = effective_scales(args.tuner, model)
+    draw(blocks, scales, Path(args.out), title=Path(args.tuner).name)
+    print(f"heatmap: {args.out}")
 
 
 def _replay(args):
