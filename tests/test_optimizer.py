@@ -139,3 +139,32 @@ def test_warns_about_tensors_the_loss_never_reads():
     opt = zoft.mezo(model)
     with pytest.warns(UserWarning, match="never read by the loss"):
         opt.step(lambda: model.get_decoder()(IDS).last_hidden_state.sum())  # lm_head unused
+
+
+def test_master_weights_keep_the_updates_that_bf16_weights_lose():
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+
+    def run(master):
+        model = tiny_llama(dtype=torch.bfloat16)
+        start = [p.detach().float().clone() for p in model.parameters()]
+        opt = zoft.mezo(model, lr=1e-6, eps=1e-2, master_weights=master, record=True)
+        for _ in range(20):
+            opt.step(lambda: model(ids, labels=ids).loss)
+        return model, opt, start
+
+    def distance(tensors, start):
+        return sum(float((t.detach().float() - s).norm()) ** 2 for t, s in zip(tensors, start)) ** 0.5
+
+    plain, _, plain_start = run(False)
+    model, opt, start = run(True)
+    assert all(m.dtype == torch.float32 for m in opt.master)
+    # the updates (about 1e-6 a step) sit below most weights' bf16 resolution: most are lost
+    # unless they add up in the fp32 master first
+    assert distance(plain.parameters(), plain_start) < 0.5 * distance(opt.master, start)
+    assert all(torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(model.parameters(), opt.master))
+    tuned = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), start):
+            p.copy_(s)
+    opt.replay(opt.history)  # replays through a fresh master: the same weights, bit for bit
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), tuned))

@@ -95,6 +95,8 @@ class LoopConfig(TaskConfig):
     lora_dropout: float = 0.0
     lora_targets: str = ""
     prefix_tokens: int = 5
+    master_weights: bool = field(default=False, metadata={
+        "help": "bf16/fp16: updates go into an fp32 copy of the trainable tensors (4 bytes a parameter)"})
     output_dir: str = "runs"
     run_name: str | None = None
     save_model: bool = False

@@ -288,7 +288,8 @@ def _setup(cfg, task, splits, folder: RunFolder, group: distributed.Group) -> Se
         _warn_if_other_eps(tuner_path, method)
     by_direction = group if group.world > 1 and cfg.parallel == "directions" else None
     opt = build_optimizer(model, method["estimator"], method["perturbation"], method["update"], noise=method["noise"],
-                          num_directions=cfg.directions, seed=cfg.seed, record=True, direction_group=by_direction)
+                          num_directions=cfg.directions, seed=cfg.seed, record=True, direction_group=by_direction,
+                          master_weights=cfg.master_weights)
     return Session(cfg, task, model, tokenizer, opt, cand, *encoded, device, tuner_path, _snapshot_if_small(opt),
                    folder, group)
 
@@ -591,7 +592,8 @@ def replay_run(run_dir, out) -> Path:
     model = with_adapters(model, cfg)
     method = meta["method"]
     opt = build_optimizer(model, method["estimator"], method["perturbation"], method["update"], noise=meta["noise"],
-                          num_directions=int(meta["directions"]), seed=int(meta["seed"]))
+                          num_directions=int(meta["directions"]), seed=int(meta["seed"]),
+                          master_weights=cfg.master_weights)
     trajectory.check_matches(meta, opt, run_dir / "trajectory.safetensors")
     opt.replay(steps[:selected])
     tmp = out.with_name(f".{out.name}.partial")

@@ -36,7 +36,8 @@ PIECES = ("estimator", "perturbation", "update")
 
 class ZOOptimizer:
     def __init__(self, model: nn.Module, estimator, perturbation, update, *, noise="table",
-                 num_directions: int = 1, seed: int = 0, record: bool = False, direction_group=None):
+                 num_directions: int = 1, seed: int = 0, record: bool = False, direction_group=None,
+                 master_weights: bool = False):
         if num_directions < 1:
             raise ZoftError(f"num_directions must be >= 1, got {num_directions}")
         self.estimator, self.perturbation, self.update = estimator, perturbation, update
@@ -53,6 +54,13 @@ class ZOOptimizer:
         # direction parallel: this rank evaluates directions rank, rank + world, ...; the losses
         # are summed over ranks (zoft/distributed.py)
         self.direction_group = direction_group
+        # an fp32 copy of low-precision trainable tensors that the updates go into (cast back after
+        # each step): updates far below a bf16 weight's resolution then add up instead of vanishing.
+        # Costs 4 bytes a trainable parameter.
+        self.master_weights = master_weights
+        if master_weights and getattr(update.cfg, "average", False):
+            raise ZoftError("master weights and iterate averaging cannot be combined")
+        self.master = self._fresh_master()
         self.step_count = 0
         self.states = {k: getattr(self, k).init(self.blocks) for k in PIECES}
         self.prev_losses: tuple[float, float] | None = None
@@ -124,9 +132,15 @@ class ZOOptimizer:
         return grad, totals
 
     @torch.no_grad()
+    def _fresh_master(self) -> list[torch.Tensor] | None:
+        if not self.master_weights or all(b.param.dtype == torch.float32 for b in self.blocks):
+            return None
+        return [b.param.detach().float().clone() for b in self.blocks]
+
     def replay(self, steps: list[AppliedStep]):
         """Re-apply recorded steps to the weights they started from: bit-identical. With iterate
-        averaging, ``steps`` must start at step 0 (the averaging anchor starts as those weights)."""
+        averaging or master weights, ``steps`` must start at step 0 (both start as those weights)."""
+        self.master = self._fresh_master()
         state = self.update.init(self.blocks)
         self.perturber.shaper = self.perturbation.shaper(self.perturbation.init(self.blocks))
         for applied in steps:
@@ -145,16 +159,20 @@ class ZOOptimizer:
         """θ ← decay·θ, then θ += scales[j]·z(seeds[j]) for each term, one pass each. With
         averaging (KerZOO): c ← c − ηĝ and y ← x_t − (η/β_t)ĝ. With ``with_stats``, the last pass
         also returns each block's [mean, var] (see Perturber.add_)."""
+        targets = self.master or [b.param.data for b in self.blocks]
         if applied.decay is not None:
-            for b, keep in zip(self.blocks, applied.decay.tolist()):
+            for t, keep in zip(targets, applied.decay.tolist()):
                 if keep != 1.0:
-                    b.param.data.mul_(keep)
+                    t.mul_(keep)
         stats, last = None, len(applied.seeds) - 1
         for i, (seed, row) in enumerate(zip(applied.seeds, applied.scales.tolist())):
             if applied.mix is not None:
                 self.perturber.add_(seed, row, targets=update_state.anchor)
                 row = [x * applied.mix for x in row]
-            stats = self.perturber.add_(seed, row, with_stats=with_stats and i == last)
+            stats = self.perturber.add_(seed, row, targets=self.master, with_stats=with_stats and i == last)
+        if self.master is not None:
+            for b, m in zip(self.blocks, self.master):
+                b.param.data.copy_(m)
         return stats
 
     def _check_reach(self, scales):
