@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import torch
 
@@ -36,18 +37,24 @@ def test_lora_steps_move_only_adapters_and_perturbations_restore_them_exactly():
         assert torch.equal(before[n], p) != ("lora_" in n), n
 
 
-def test_cli_lora_run_saves_an_adapter_that_peft_loads_alone(tmp_path, tiny_model_dir):
+def test_cli_lora_run_saves_an_adapter_that_peft_loads_alone(tmp_path, tiny_model_dir, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    code = main(["finetune", "--model", str(tiny_model_dir), "--peft", "lora", "--lora-r", "2", "--steps", "4",
+    monkeypatch.chdir(tiny_model_dir.parent)  # a relative --model: the adapter still names its base absolutely
+    code = main(["finetune", "--model", f"./{tiny_model_dir.name}", "--peft", "lora", "--lora-r", "2", "--steps", "4",
                  "--eval-every", "2", "--lr", "1e-3", "--eps", "1e-2", "--num-train", "16", "--num-dev", "8",
                  "--num-test", "8", "--batch-size", "4", "--output-dir", str(tmp_path), "--run-name", "l",
                  "--save-model"])
     assert code == 0
     saved = tmp_path / "l" / "model"
     assert (saved / "adapter_model.safetensors").is_file()
-    assert json.loads((saved / "adapter_config.json").read_text())["r"] == 2
+    adapter = json.loads((saved / "adapter_config.json").read_text())
+    assert adapter["r"] == 2 and adapter["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(saved / "README.md")
+    assert card.data.library_name == "peft" and "lora" in card.data.tags and "through peft (lora)" in card.text
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), saved)
     adapters = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
     assert adapters and all(p.abs().sum() > 0 for n, p in adapters.items() if "lora_A" in n)

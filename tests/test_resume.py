@@ -86,6 +86,12 @@ def test_replay_rebuilds_the_saved_model_bit_for_bit(tmp_path, tiny_model_dir, c
     assert sorted(p.name for p in saved.iterdir()) == sorted(p.name for p in replayed.iterdir())
     for f in saved.iterdir():
         assert f.read_bytes() == (replayed / f.name).read_bytes(), f.name
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(saved / "README.md")
+    assert card.data.library_name == "transformers" and "zoft" in card.data.tags and card.data.datasets == ["tweets"]
+    assert '"lr": 0.002' in card.text and "12 steps of batch 4" in card.text
+
     base = load_file(tiny_model_dir / "model.safetensors")
     tuned = load_file(saved / "model.safetensors")
     assert {t.dtype for t in tuned.values()} == {torch.bfloat16 if dtype == "bf16" else torch.float32}

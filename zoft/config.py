@@ -57,10 +57,12 @@ class TaskConfig:
         _check_positive(self, "num_test", "eval_batch_size", "max_length")
         if self.dtype not in DTYPES:
             raise ZoftError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ZoftError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device not in ("auto", "cpu", "cuda", "mps"):
+            raise ZoftError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ZoftError("device cuda asked for, but no CUDA device is available")
+        if self.device == "mps" and not torch.backends.mps.is_available():
+            raise ZoftError("device mps asked for, but no Apple GPU (MPS) is available")
 
 
 @dataclass

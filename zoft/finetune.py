@@ -115,6 +115,8 @@ def partial_dir(run_dir: Path) -> Path:
 def _peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
+    if device == "mps":
+        return torch.mps.driver_allocated_memory() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -452,8 +454,7 @@ def _finish(s: Session, p: Progress, started: float) -> dict:
         return summary
     trajectory.save(s.work / "trajectory.safetensors", s.opt, cfg.method(s.tuner_path), model_id(cfg.model))
     if cfg.save_model:
-        s.model.save_pretrained(s.work / "model")
-        s.tokenizer.save_pretrained(s.work / "model")
+        save_model(s.model, s.tokenizer, cfg, cfg.method(s.tuner_path), s.work / "model")
     s.log({"test/acc": test_after["acc"]}, cfg.steps)
     for lg in s.loggers:
         lg.summary(summary)
@@ -574,6 +575,27 @@ def resume(run_dir) -> dict:
     return _execute(s, progress)
 
 
+def save_model(model, tokenizer, cfg, method: dict, folder: Path):
+    """The model (or peft's adapters) and tokenizer, with a card that says how it was trained: the
+    same bytes from --save-model and from zoft replay, so nothing in it depends on the run's time."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    adapters = cfg.peft != "none"
+    data = ModelCardData(base_model=model_id(cfg.model).split(" ")[0], library_name="peft" if adapters else "transformers",
+                         datasets=[cfg.task], tags=["zoft", "zeroth-order", method["estimator"]["name"],
+                                                    *([cfg.peft] if adapters else [])])
+    spec = json.dumps({k: v for k, v in method.items() if k != "noise"}, sort_keys=True)
+    body = (f"# {'Adapters' if adapters else 'Model'} fine-tuned with zoft\n\n"
+            f"Zeroth-order fine-tuning (forward passes only) of {model_id(cfg.model)} on `{cfg.task}`"
+            f"{f' through peft ({cfg.peft})' if adapters else ' (every weight)'}: {cfg.steps} steps of batch"
+            f" {cfg.batch_size}, {cfg.directions} direction(s) a step, seed {cfg.seed}; the model saved is the"
+            f" one with the best dev accuracy. Method (zoft {zoft.__version__}):\n\n    {spec}\n\n"
+            "The run's `trajectory.safetensors` rebuilds these weights from the base model: `zoft replay RUN --out DIR`.\n")
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(folder / "README.md")
+
+
 def replay_run(run_dir, out) -> Path:
     """Rebuild a run's selected model from the base model and its trajectory.safetensors, into
     ``out``: the same files as ``--save-model`` writes."""
@@ -598,8 +620,7 @@ def replay_run(run_dir, out) -> Path:
     opt.replay(steps[:selected])
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    save_model(model, tokenizer, cfg, meta["method"], tmp)
     tmp.rename(out)
     return out
 

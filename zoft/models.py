@@ -91,6 +91,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
             raise ZoftError(f"the cached default model in {source} is unreadable ({first}); remove that folder"
                             f" and zoft converts it again from the GGUF: rm -rf {source}") from None
         raise ZoftError(f"cannot load model {name!r}: {first}") from None
+    if Path(source).expanduser().is_dir():  # saves and adapter configs then name it absolutely
+        model.config._name_or_path = model.name_or_path = str(Path(source).expanduser().resolve())
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return model.to(device).eval(), tokenizer
