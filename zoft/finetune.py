@@ -221,13 +221,13 @@ def init_prefix_from_activations(model, seed: int):
     weight.copy_(stacked.permute(3, 0, 1, 2, 4).reshape(config.num_virtual_tokens, -1))
 
 
-def _snapshot_if_small(opt, limit_fraction: float = 0.1):
+def _snapshot_if_small(opt, adapters: bool, limit_fraction: float = 0.1):
     """A copy of the starting trainable tensors when they are few, or adapters (which no
     checkpoint holds): best-dev selection replays from it. Full fine-tuning reads the checkpoint
     instead of holding a copy."""
     trainable = sum(b.numel for b in opt.blocks)
     total = sum(p.numel() for p in opt.model.parameters())
-    if trainable > limit_fraction * total and not hasattr(opt.model, "peft_config"):
+    if trainable > limit_fraction * total and not adapters:
         return None
     return {b.name: b.param.detach().clone() for b in opt.blocks}
 
@@ -292,7 +292,7 @@ def _setup(cfg, task, splits, folder: RunFolder, group: distributed.Group) -> Se
     opt = build_optimizer(model, method["estimator"], method["perturbation"], method["update"], noise=method["noise"],
                           num_directions=cfg.directions, seed=cfg.seed, record=True, direction_group=by_direction,
                           master_weights=cfg.master_weights)
-    return Session(cfg, task, model, tokenizer, opt, cand, *encoded, device, tuner_path, _snapshot_if_small(opt),
+    return Session(cfg, task, model, tokenizer, opt, cand, *encoded, device, tuner_path, _snapshot_if_small(opt, cfg.peft != "none"),
                    folder, group)
 
 
