@@ -142,17 +142,6 @@ def loss_terms(model, batch, candidate_ids, objective: str = "loss", train_loss:
 
 
 @torch.inference_mode()
-def _progress(iterable, desc: str):
-    """A progress bar on stderr for evaluations long enough to want one (off under pytest's
-    capture or when stderr is not a terminal; tqdm decides)."""
-    import sys
-
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True,
-                disable=None)
-
-
 def evaluate(model, items, candidate_ids, pad_id: int, batch_size: int = 32, device="cpu") -> dict:
     """Accuracy and mean cross-entropy over the candidates. Batches are sorted by length so
     padding stays small, and hold at most ``batch_size`` sequences (an example with K options is
@@ -167,7 +156,7 @@ def evaluate(model, items, candidate_ids, pad_id: int, batch_size: int = 32, dev
         groups[-1].append(items[i])
         size += n
     correct, loss_sum = 0, 0.0
-    for group in _progress(groups, "eval"):
+    for group in groups:
         batch = collate(group, pad_id, device)
         logits = task_logits(model, batch, candidate_ids)
         loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
@@ -215,7 +204,7 @@ def generate_answers(model, items, tokenizer, batch_size: int = 8, max_new_token
     device = next(model.parameters()).device
     stop_ids = _stop_ids(tokenizer)
     answers = []
-    for start in _progress(range(0, len(items), batch_size), "generate"):
+    for start in range(0, len(items), batch_size):
         prompts = [it.input_ids for it in items[start : start + batch_size]]
         width = max(map(len, prompts))
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
