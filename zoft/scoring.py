@@ -141,6 +141,16 @@ def loss_terms(model, batch, candidate_ids, objective: str = "loss", train_loss:
     raise ZoftError(f"objective {objective} is not a mean over examples: it cannot be split into micro-batches or ranks")
 
 
+def _progress(iterable, desc: str):
+    """A progress bar on stderr, shown only when stderr is a terminal (tqdm's ``disable=None``),
+    so logs and captured output stay clean."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)
+
+
 @torch.inference_mode()
 def evaluate(model, items, candidate_ids, pad_id: int, batch_size: int = 32, device="cpu") -> dict:
     """Accuracy and mean cross-entropy over the candidates. Batches are sorted by length so
@@ -156,7 +166,7 @@ def evaluate(model, items, candidate_ids, pad_id: int, batch_size: int = 32, dev
         groups[-1].append(items[i])
         size += n
     correct, loss_sum = 0, 0.0
-    for group in groups:
+    for group in _progress(groups, "eval"):
         batch = collate(group, pad_id, device)
         logits = task_logits(model, batch, candidate_ids)
         loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
@@ -204,7 +214,7 @@ def generate_answers(model, items, tokenizer, batch_size: int = 8, max_new_token
     device = next(model.parameters()).device
     stop_ids = _stop_ids(tokenizer)
     answers = []
-    for start in range(0, len(items), batch_size):
+    for start in _progress(range(0, len(items), batch_size), "generate"):
         prompts = [it.input_ids for it in items[start : start + batch_size]]
         width = max(map(len, prompts))
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
