@@ -110,11 +110,24 @@ def test_best_dev_restore_rebuilds_the_selected_weights(arch, model_dirs):
 
 
 MODES = {"full": [], "lora": ["--peft", "lora"], "prefix": ["--peft", "prefix"], "kernel": ["--estimator", "kernel"]}
+# where peft itself cannot run the mode; zoft stops with one line instead of a traceback
+EXPECTED_STOPS = {("falcon", "prefix")}
+
+
+@pytest.fixture
+def own_tokenizer_class(monkeypatch):
+    """transformers 5 replaces the tokenizer class a folder names with its own for some model
+    types (qwen2: Qwen2Tokenizer, byte-level), which breaks the fixtures' word-level vocabulary;
+    a real Qwen2 checkpoint ships that tokenizer, so the fixture keeps its own."""
+    from transformers.models.auto import tokenization_auto
+
+    monkeypatch.setattr(tokenization_auto, "MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS", set())
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("arch", ARCHS)
-def test_a_few_steps_in_every_mode_pass_or_stop_in_one_line(arch, mode, model_dirs, tmp_path, capsys):
+def test_a_few_steps_in_every_mode_pass_or_stop_in_one_line(arch, mode, model_dirs, tmp_path, capsys,
+                                                            own_tokenizer_class):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         code = main(["finetune", "--model", str(model_dirs[arch]), "--output-dir", str(tmp_path), "--steps", "2",
@@ -123,10 +136,13 @@ def test_a_few_steps_in_every_mode_pass_or_stop_in_one_line(arch, mode, model_di
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert not [w for w in caught if "active dropout" in str(w.message)]  # eval mode kept, adapters too
-    if code != 0:
+    if (arch, mode) in EXPECTED_STOPS:
         lines = [x for x in err.splitlines() if x.startswith("zoft: error:")]
         assert code == 2 and len(lines) == 1, err
         assert not list(tmp_path.iterdir())
+    else:
+        assert code == 0, err
+        assert [p.name for p in tmp_path.iterdir() if (p / "summary.json").is_file()]
 
 
 def test_a_model_left_in_train_mode_with_dropout_is_warned_about():
