@@ -141,17 +141,19 @@ def test_clipping_never_scales_up_a_short_block():
     assert clipped_short == short and clipped_long == pytest.approx(clip, rel=1e-4)
 
 
-def test_magnitude_mask_perturbs_only_the_smallest_weights():
+@pytest.mark.parametrize("keep", ["smallest", "largest"])
+def test_magnitude_mask_perturbs_only_the_chosen_weights(keep):
     model = tiny_llama()
-    opt = zoft.build_optimizer(model, DEFAULTS["estimator"], {"name": "magnitude_mask", "fraction": 0.25},
+    opt = zoft.build_optimizer(model, DEFAULTS["estimator"], {"name": "magnitude_mask", "fraction": 0.25, "keep": keep},
                                DEFAULTS["update"])
     opt.perturber.shaper = opt.perturbation.shaper(opt.states["perturbation"])
     for b in opt.blocks:
         z = _direction(opt, 9, b)
-        small = b.param.detach().abs() <= opt.states["perturbation"].thresholds[b.index]
-        assert torch.equal(z != 0, small)
-        if b.param.dim() == 2:  # norm weights start all equal (1.0): all of them are the smallest
-            assert abs(small.float().mean().item() - 0.25) < 1 / b.numel + 1e-6
+        tau = opt.states["perturbation"].thresholds[b.index]
+        chosen = b.param.detach().abs() <= tau if keep == "smallest" else b.param.detach().abs() > tau
+        assert torch.equal(z != 0, chosen)
+        if b.param.dim() == 2:  # norm weights start all equal (1.0): the mask keeps all or none of them
+            assert abs(chosen.float().mean().item() - 0.25) < 1 / b.numel + 1e-6
     opt.step(lambda: model(IDS, labels=IDS).loss)  # and the mask follows the weights as they move
 
 
