@@ -1,0 +1,252 @@
+"""What shaping the perturbation can buy per ZO step, predicted from the task's own gradient and
+curvature statistics (issue 11, part 2): a cheap ceiling before any 300-step run.
+
+    python bench/ceiling_predict.py [--task tweets] [--batches 16] [--model PATH] [--stats CACHE] [--json OUT]
+
+For ZO-SGD along u = D^½ z (z ~ N(0, I); D diagonal: a per-block scale σ_b² or a 0/1 mask) on a
+loss with gradient g, batch gradient g̃ and curvature H, the expected decrease of one step at lr η
+is η gᵀDg − ½η² E[(uᵀg̃)² uᵀHu] ≈ η gᵀDg − ½η² (g̃ᵀDg̃)·tr(DH) in high dimension. At its own best
+lr a step gains (gᵀDg)² / (2 (g̃ᵀDg̃) tr(DH)); relative to isotropic directions (D = I),
+
+    R(D) = [S_D² / (B_D T_D)] / [S² / (B T)],   X_D = Σ_e D_e X_e,
+
+with, per weight e, S_e = (E g)_e² (the full-data gradient, unbiased from k batch gradients),
+B_e = E (g̃_e²) (a batch of 16) and T_e the Fisher diagonal, the Gauss-Newton curvature of the
+cross-entropy over the candidates (labels drawn from the model, one backward per batch with
+random signs per example). R is invariant to D's scale, so it compares methods each at its own
+best lr, as the protocol does. It is a one-step, fixed-point model: statistics at the given
+weights, no depletion of the gradient over a run, ε → 0.
+
+Printed: R for the block_scales files in bench/results/oracle, for curvature-aware per-block
+allocations σ_b² ∝ (S_b / T_b)^α (clipped ×10 around the median; written to
+``--out`` as block_scales files), for the best per-block D found by direct maximisation of R
+(the per-block ceiling at these weights), and for Sparse MeZO's magnitude masks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from zoft.block_scales import save_block_scales  # noqa: E402
+from zoft.blocks import collect_blocks  # noqa: E402
+from zoft.data import Batches, candidate_token_ids, collate, encode  # noqa: E402
+from zoft.models import DEFAULT_MODEL, load_model  # noqa: E402
+from zoft.scoring import task_logits  # noqa: E402
+from zoft.tasks import get_task, sample_splits  # noqa: E402
+
+ALPHAS = (0.5, 1.0, 2.0)
+MASK_FRACTIONS = (0.1, 0.25, 0.5)
+GAMMAS = (0.5, 1.0, 2.0)
+
+
+def statistics_at(model, tokenizer, batches: int, task_name: str = "tweets", data_dir=None, batch_size: int = 16,
+                  seed: int = 1234):
+    """Per-weight S, B, T (flat float32 per block) from ``batches`` batches of the protocol's
+    training sample (data seed 0, 1000 train)."""
+    task = get_task(task_name)
+    splits = sample_splits(task, data_dir, 1000, 200, 1, 0)
+    cand = candidate_token_ids(task, tokenizer)
+    stream = Batches(encode(task, splits.train, tokenizer, 256), batch_size, seed, tokenizer.pad_token_id)
+    blocks = collect_blocks(model)
+    zeros = lambda: [torch.zeros(b.numel) for b in blocks]  # noqa: E731
+    grad_sum, grad_sq, fisher = zeros(), zeros(), zeros()
+    gen = torch.Generator().manual_seed(seed)
+
+    def backward(loss, accumulate):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        for acc, b in zip(accumulate, blocks):
+            acc(b)
+
+    for _ in range(batches):
+        batch = collate(stream.next_items(), tokenizer.pad_token_id)
+        logits = task_logits(model, batch, cand)
+        backward(F.cross_entropy(logits, batch["labels"]), [lambda b, i=i: (
+            grad_sum[i].add_(b.param.grad.view(-1)), grad_sq[i].addcmul_(b.param.grad.view(-1), b.param.grad.view(-1)))
+            for i in range(len(blocks))])
+        with torch.no_grad():
+            drawn = torch.multinomial(logits.softmax(-1), 1, generator=gen).view(-1)
+            signs = torch.randint(0, 2, drawn.shape, generator=gen).float() * 2 - 1
+        # E_s ‖Σ_j s_j ∇ℓ_j‖² = Σ_j ‖∇ℓ_j‖², elementwise: per-example squares from one backward
+        signed = (F.cross_entropy(task_logits(model, batch, cand), drawn, reduction="none") * signs).sum()
+        backward(signed, [lambda b, i=i: fisher[i].addcmul_(b.param.grad.view(-1), b.param.grad.view(-1))
+                          for i in range(len(blocks))])
+    k, n = batches, batches * batch_size
+    S = [((s * s - q) / (k * (k - 1))) for s, q in zip(grad_sum, grad_sq)]
+    B = [q / k for q in grad_sq]
+    T = [f / n for f in fisher]
+    return blocks, S, B, T
+
+
+def gain(S_D: torch.Tensor, B_D: torch.Tensor, T_D: torch.Tensor, ref: tuple) -> torch.Tensor:
+    S, B, T = ref
+    return (S_D**2 / (B_D * T_D)) / (S**2 / (B * T))
+
+
+def best_block_weights(s, b, t, ref, spread: float = 10.0, iters: int = 3000) -> torch.Tensor:
+    """argmax_D R(D) over per-block D in [1/spread, spread] (Adam on a tanh parametrisation):
+    the per-block ceiling. Unbounded, R's maximum sits on one small block, where the
+    high-dimension approximation and a fixed gradient are both worst."""
+    x = torch.zeros(len(s), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([x], lr=0.05)
+    for _ in range(iters):
+        d = spread ** torch.tanh(x)
+        loss = -gain(d @ s, d @ b, d @ t, ref).log()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (spread ** torch.tanh(x)).detach()
+
+
+def module_type(name: str) -> str:
+    m = re.search(r"\.(\w+)\.weight$", name)
+    return m.group(1) if m else name
+
+
+def clipped(values: torch.Tensor, alpha: float) -> torch.Tensor:
+    v = values.clamp(min=1e-30) ** alpha
+    median = v.median()
+    return v.clamp(median / 10, median * 10)
+
+
+def load_or_measure(args):
+    """(model, blocks, S, B, T); with ``--stats``, the per-weight statistics are read from that
+    file when it exists (written there otherwise), so new shapings are scored without backward passes."""
+    from safetensors.torch import load_file, save_file
+
+    model, tokenizer = load_model(args.model)
+    model.eval()
+    if args.stats and Path(args.stats).is_file():
+        from safetensors import safe_open
+
+        with safe_open(args.stats, framework="pt") as f:
+            made = f.metadata()
+        if (made.get("model"), made.get("task", "tweets")) != (args.model, args.task):
+            raise SystemExit(f"{args.stats} holds statistics of {made.get('model')} on {made.get('task', 'tweets')}")
+        saved = load_file(args.stats)
+        blocks = collect_blocks(model)
+        return model, blocks, *([saved[f"{k}/{b.name}"] for b in blocks] for k in "SBT")
+    blocks, S, B, T = statistics_at(model, tokenizer, args.batches, args.task, args.data_dir)
+    if args.stats:
+        save_file({f"{k}/{b.name}": x[i].contiguous() for k, x in zip("SBT", (S, B, T)) for i, b in enumerate(blocks)},
+                  args.stats, metadata={"model": args.model, "task": args.task, "batches": str(args.batches)})
+    return model, blocks, S, B, T
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="weights to measure at (default: the base model)")
+    ap.add_argument("--batches", type=int, default=16)
+    ap.add_argument("--task", default="tweets", help="the oracle's task; a meta-training task (rte) to pick a design")
+    ap.add_argument("--data-dir", default=None, help="where SuperGLUE files are (../shared/data)")
+    ap.add_argument("--stats", default="", help="cache of the per-weight statistics (safetensors, ~1.6 GB)")
+    ap.add_argument("--oracle-dir", default="bench/results/oracle", help="block_scales files to score")
+    ap.add_argument("--out", default="", help="write the curvature-aware allocations here")
+    ap.add_argument("--json", default="", help="write the figures here too")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model, blocks, S, B, T = load_or_measure(args)
+    s, b, t = (torch.stack([x.double().sum() for x in X]) for X in (S, B, T))
+    ref = (s.sum(), b.sum(), t.sum())
+    rows = {}  # label -> (R, best lr relative to isotropic at equal ‖u‖²)
+    numel = torch.tensor([float(blk.numel) for blk in blocks], dtype=torch.float64)
+
+    def scored(sd, bd, td, energy):
+        """R, and the best lr relative to isotropic directions once u is rescaled to ‖u‖² = d."""
+        lr = (sd / (bd * td)) / (ref[0] / (ref[1] * ref[2])) * (energy / numel.sum())
+        return float(gain(sd, bd, td, ref)), float(lr)
+
+    def block_gain_of(d, s, b, t, energy=numel):
+        d = d.double()
+        return scored(d @ s, d @ b, d @ t, d @ energy)
+
+    def block_gain(d):
+        return block_gain_of(d, s, b, t)
+
+    def elementwise_gain(weight_of):
+        sd = bd = td = energy = 0.0
+        for blk, se, be, te in zip(blocks, S, B, T):
+            d = weight_of(blk, blk.param.detach().abs().view(-1).float())
+            sd, bd, td = sd + (d * se).double().sum(), bd + (d * be).double().sum(), td + (d * te).double().sum()
+            energy = energy + d.double().sum()
+        return scored(sd, bd, td, energy)
+
+    for f in sorted(Path(args.oracle_dir).glob("*.safetensors")):
+        from safetensors.torch import load_file
+
+        rows[f"file {f.stem}"] = block_gain(load_file(str(f))["sigma"] ** 2)
+    ratio = s.clamp(min=0) / t
+    held = torch.tensor([blk.is_embedding or blk.param.dim() < 2 for blk in blocks])
+    for alpha in ALPHAS:
+        var = clipped(ratio, alpha)
+        rows[f"σ² ∝ (S/T)^{alpha:g}, all"] = block_gain(var)
+        matrices = var.clone()
+        matrices[held] = var.median()
+        rows[f"σ² ∝ (S/T)^{alpha:g}, matrices"] = block_gain(matrices)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            save_block_scales(Path(args.out) / f"curv-all-a{alpha:g}.safetensors", blocks, var.sqrt(),
+                              note=f"sigma^2 ~ (S_b/T_b)^{alpha:g} (gradient^2 over Fisher trace), clipped x10"
+                                   f" around the median; tweets, {args.batches} batches of 16")
+    best = best_block_weights(s, b, t, ref)
+    rows["best per-block D within ×10 (ceiling)"] = block_gain(best)
+
+    def quantile(w, q):
+        return w.kthvalue(min(len(w), max(1, round(q * len(w))))).values
+
+    for frac in MASK_FRACTIONS:
+        rows[f"mask: smallest {frac:g} of each block"] = elementwise_gain(lambda blk, w: (w <= quantile(w, frac)).float())
+        rows[f"mask: largest {frac:g} of each block"] = elementwise_gain(lambda blk, w: (w > quantile(w, 1 - frac)).float())
+    for gamma in GAMMAS:
+        rows[f"D ∝ |θ|^{gamma:g} (relative perturbation)"] = elementwise_gain(
+            lambda blk, w: (w / w.pow(gamma).mean().pow(1 / gamma).clamp(min=1e-30)).pow(gamma))
+    # per-block σ on top of a within-block shape: the ceiling of a tuner that outputs both
+    shapes = {"largest 0.1": lambda w: (w > quantile(w, 0.9)).float(), "|θ|^1": lambda w: w / w.mean().clamp(min=1e-30)}
+    sums = {}
+    for name, shape in shapes.items():
+        per = [[], [], [], []]
+        for blk, se, be, te in zip(blocks, S, B, T):
+            d = shape(blk.param.detach().abs().view(-1).float())
+            for acc, x in zip(per, (se, be, te, torch.ones(()))):
+                acc.append((d * x).double().sum())
+        sums[name] = [torch.stack(x) for x in per]
+        rows[f"best per-block D within ×10, on {name}"] = block_gain_of(best_block_weights(*sums[name][:3], ref), *sums[name])
+    signal = float(ref[0] / ref[1])  # ‖E g‖² / E‖g̃‖²: near 0, the batch gradient is almost all noise
+    # S averages the k(k-1) products g_iᵀg_j (i ≠ j), each of spread ≈ B: its standard error
+    spread = (2 / (args.batches * (args.batches - 1))) ** 0.5
+    print(f"weights: {args.model}; {args.batches} batches of 16 {args.task} examples;"
+          f" signal fraction S/B = {signal:.4f} ± {spread:.3f}\n")
+    if signal < 2 * spread:  # R divides by S²: without a measurable signal it is a ratio of noise
+        print("The signal is within two standard errors of 0: the batch gradient is mostly noise here, no"
+              " direction shaping has a measured signal to shape, and R is not reported.")
+        rows = {}
+    print("| direction shaping | predicted gain per step R | its best lr ÷ SPSA's (at ‖u‖² = d) |\n|---|---|---|"
+          * bool(rows))
+    for label, (r, lr) in rows.items():
+        print(f"| {label} | {r:.3f} | {lr:.2f} |")
+    kinds = sorted({module_type(blk.name) for blk in blocks})
+    share = lambda x: {k: float(sum(v for blk, v in zip(blocks, x) if module_type(blk.name) == k) / x.sum()) for k in kinds}  # noqa: E731
+    print("\n| module type | share of S | share of B | share of T | median S_b/T_b ÷ overall | best D share |")
+    print("|---|---|---|---|---|---|")
+    shares = {name: share(x) for name, x in (("S", s.clamp(min=0)), ("B", b), ("T", t), ("D", best * t))}
+    overall = float(s.sum() / t.sum())
+    for k in kinds:
+        med = statistics.median(float(r) for blk, r in zip(blocks, ratio) if module_type(blk.name) == k) / overall
+        print(f"| {k} | {shares['S'][k]:.3f} | {shares['B'][k]:.3f} | {shares['T'][k]:.3f} | {med:.3g} | {shares['D'][k]:.3f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "task": args.task, "batches": args.batches, "signal_fraction": signal, "gain": rows,
+                                               "shares": shares}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
