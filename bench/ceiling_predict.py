@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 from pathlib import Path
 
@@ -43,6 +42,8 @@ from zoft.data import Batches, candidate_token_ids, collate, encode  # noqa: E40
 from zoft.models import DEFAULT_MODEL, load_model  # noqa: E402
 from zoft.scoring import task_logits  # noqa: E402
 from zoft.tasks import get_task, sample_splits  # noqa: E402
+
+from oracle_scales import module_type  # noqa: E402  (bench/, the script's own folder)
 
 ALPHAS = (0.5, 1.0, 2.0)
 MASK_FRACTIONS = (0.1, 0.25, 0.5)
@@ -106,11 +107,6 @@ def best_block_weights(s, b, t, ref, spread: float = 10.0, iters: int = 3000) ->
         loss.backward()
         opt.step()
     return (spread ** torch.tanh(x)).detach()
-
-
-def module_type(name: str) -> str:
-    m = re.search(r"\.(\w+)\.weight$", name)
-    return m.group(1) if m else name
 
 
 def clipped(values: torch.Tensor, alpha: float) -> torch.Tensor:
