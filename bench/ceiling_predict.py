@@ -34,59 +34,17 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from zoft.block_scales import save_block_scales  # noqa: E402
 from zoft.blocks import collect_blocks  # noqa: E402
-from zoft.data import Batches, candidate_token_ids, collate, encode  # noqa: E402
 from zoft.models import DEFAULT_MODEL, load_model  # noqa: E402
-from zoft.scoring import task_logits  # noqa: E402
-from zoft.tasks import get_task, sample_splits  # noqa: E402
 
+from meta_train.allocation import statistics  # noqa: E402
 from oracle_scales import module_type  # noqa: E402  (bench/, the script's own folder)
 
 ALPHAS = (0.5, 1.0, 2.0)
 MASK_FRACTIONS = (0.1, 0.25, 0.5)
 GAMMAS = (0.5, 1.0, 2.0)
-
-
-def statistics_at(model, tokenizer, batches: int, task_name: str = "tweets", data_dir=None, batch_size: int = 16,
-                  seed: int = 1234):
-    """Per-weight S, B, T (flat float32 per block) from ``batches`` batches of the protocol's
-    training sample (data seed 0, 1000 train)."""
-    task = get_task(task_name)
-    splits = sample_splits(task, data_dir, 1000, 200, 1, 0)
-    cand = candidate_token_ids(task, tokenizer)
-    stream = Batches(encode(task, splits.train, tokenizer, 256), batch_size, seed, tokenizer.pad_token_id)
-    blocks = collect_blocks(model)
-    zeros = lambda: [torch.zeros(b.numel) for b in blocks]  # noqa: E731
-    grad_sum, grad_sq, fisher = zeros(), zeros(), zeros()
-    gen = torch.Generator().manual_seed(seed)
-
-    def backward(loss, accumulate):
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        for acc, b in zip(accumulate, blocks):
-            acc(b)
-
-    for _ in range(batches):
-        batch = collate(stream.next_items(), tokenizer.pad_token_id)
-        logits = task_logits(model, batch, cand)
-        backward(F.cross_entropy(logits, batch["labels"]), [lambda b, i=i: (
-            grad_sum[i].add_(b.param.grad.view(-1)), grad_sq[i].addcmul_(b.param.grad.view(-1), b.param.grad.view(-1)))
-            for i in range(len(blocks))])
-        with torch.no_grad():
-            drawn = torch.multinomial(logits.softmax(-1), 1, generator=gen).view(-1)
-            signs = torch.randint(0, 2, drawn.shape, generator=gen).float() * 2 - 1
-        # E_s ‖Σ_j s_j ∇ℓ_j‖² = Σ_j ‖∇ℓ_j‖², elementwise: per-example squares from one backward
-        signed = (F.cross_entropy(task_logits(model, batch, cand), drawn, reduction="none") * signs).sum()
-        backward(signed, [lambda b, i=i: fisher[i].addcmul_(b.param.grad.view(-1), b.param.grad.view(-1))
-                          for i in range(len(blocks))])
-    k, n = batches, batches * batch_size
-    S = [((s * s - q) / (k * (k - 1))) for s, q in zip(grad_sum, grad_sq)]
-    B = [q / k for q in grad_sq]
-    T = [f / n for f in fisher]
-    return blocks, S, B, T
 
 
 def gain(S_D: torch.Tensor, B_D: torch.Tensor, T_D: torch.Tensor, ref: tuple) -> torch.Tensor:
@@ -132,7 +90,7 @@ def load_or_measure(args):
         saved = load_file(args.stats)
         blocks = collect_blocks(model)
         return model, blocks, *([saved[f"{k}/{b.name}"] for b in blocks] for k in "SBT")
-    blocks, S, B, T = statistics_at(model, tokenizer, args.batches, args.task, args.data_dir)
+    blocks, (S, B, T) = statistics(model, tokenizer, args.task, args.data_dir, args.batches)
     if args.stats:
         save_file({f"{k}/{b.name}": x[i].contiguous() for k, x in zip("SBT", (S, B, T)) for i, b in enumerate(blocks)},
                   args.stats, metadata={"model": args.model, "task": args.task, "batches": str(args.batches)})

@@ -1,0 +1,140 @@
+"""``zoft meta-allocate``: a base model's per-block perturbation allocation, computed once from its
+meta-training tasks and used on every later fine-tune through ``--perturbation block_scales``.
+
+ZO-SGD along u = D^½ z gains, per step at its own best lr, (gᵀDg)² / ((g̃ᵀDg̃)·tr(DH)) (g the
+full-data gradient, g̃ a batch's, H the curvature; bench/ceiling_predict.py derives it). A block
+is worth perturbing in proportion to its gradient signal per unit of curvature, S_b / T_b, with
+S_b = ‖E ∇_b L‖² (unbiased from k batch gradients) and T_b the Fisher trace (the Gauss-Newton
+curvature of the cross-entropy over the candidates). The allocation is σ_b² ∝ r_b^α with r_b the
+geometric mean over tasks of each task's S_b/T_b relative to its own overall S/T, clipped to ×10
+around the median. Unlike a one-step look-ahead on the loss (σ_b ∝ ‖∇_b L‖², which sends the
+embedding and norm weights to the top of any clip and diverges), the curvature term keeps
+sharply curved blocks down.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from zoft.block_scales import save_block_scales
+from zoft.blocks import collect_blocks
+from zoft.data import Batches, candidate_token_ids, collate, encode
+from zoft.errors import ZoftError
+from zoft.models import DEFAULT_MODEL, load_model
+from zoft.scoring import task_logits
+from zoft.tasks import get_task, sample_splits
+
+
+@dataclass
+class AllocateConfig:
+    out: str = field(default="", metadata={"help": "block_scales file to write (safetensors)"})
+    model: str = DEFAULT_MODEL
+    tasks: str = field(default="rte", metadata={"help": "comma-separated meta-training tasks (never the ones you judge on)"})
+    data_dir: str | None = None
+    batches: int = field(default=16, metadata={"help": "batches of gradient and Fisher statistics per task"})
+    batch_size: int = 16
+    num_train: int = 1000
+    alpha: float = field(default=2.0, metadata={"help": "σ_b² ∝ (S_b/T_b)^alpha"})
+    spread: float = field(default=10.0, metadata={"help": "σ_b² is clipped to [median/spread, median·spread]"})
+    max_length: int = 256
+    seed: int = 1234
+
+    def __post_init__(self):
+        if not self.out:
+            raise ZoftError("meta-allocate needs --out (the block_scales file to write)")
+        if self.batches < 2:
+            raise ZoftError(f"--batches must be at least 2 (S compares batch gradients), got {self.batches}")
+        if self.alpha <= 0 or self.spread < 1:
+            raise ZoftError(f"need alpha > 0 and spread >= 1, got {self.alpha} and {self.spread}")
+
+
+def statistics(model, tokenizer, task_name: str, data_dir=None, batches: int = 16, batch_size: int = 16,
+               num_train: int = 1000, max_length: int = 256, seed: int = 1234) -> tuple[list, list[list]]:
+    """(blocks, [S, B, T]): per weight, flat float32 per block, from ``batches`` batches of the
+    task's training sample (data seed 0). S_e = (E g)_e², B_e = E g̃_e², T_e the Fisher diagonal."""
+    task = get_task(task_name)
+    splits = sample_splits(task, data_dir, num_train, 200, 1, 0)  # the protocol's sample (dev 200)
+    cand = candidate_token_ids(task, tokenizer)
+    stream = Batches(encode(task, splits.train, tokenizer, max_length), batch_size, seed, tokenizer.pad_token_id)
+    blocks = collect_blocks(model)
+    grad_sum, grad_sq, fisher = ([torch.zeros(b.numel) for b in blocks] for _ in range(3))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(batches):
+        batch = collate(stream.next_items(), tokenizer.pad_token_id)
+        model.zero_grad(set_to_none=True)
+        logits = task_logits(model, batch, cand)
+        F.cross_entropy(logits, batch["labels"]).backward()
+        for b, total, square in zip(blocks, grad_sum, grad_sq):
+            g = b.param.grad.view(-1)
+            total.add_(g)
+            square.addcmul_(g, g)
+        with torch.no_grad():
+            drawn = torch.multinomial(logits.softmax(-1), 1, generator=gen).view(-1)
+            signs = torch.randint(0, 2, drawn.shape, generator=gen).float() * 2 - 1
+        # E_s (Σ_j s_j ∇ℓ_j)² = Σ_j (∇ℓ_j)², elementwise: per-example squares from one backward
+        model.zero_grad(set_to_none=True)
+        (F.cross_entropy(task_logits(model, batch, cand), drawn, reduction="none") * signs).sum().backward()
+        for b, acc in zip(blocks, fisher):
+            acc.addcmul_(b.param.grad.view(-1), b.param.grad.view(-1))
+    model.zero_grad(set_to_none=True)
+    k = batches
+    S = [(s * s - q) / (k * (k - 1)) for s, q in zip(grad_sum, grad_sq)]
+    return blocks, [S, [q / k for q in grad_sq], [f / (k * batch_size) for f in fisher]]
+
+
+def block_sums(per_weight: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([x.double().sum() for x in per_weight])
+
+
+def allocation(ratios: list[torch.Tensor], alpha: float, spread: float) -> torch.Tensor:
+    """σ [num_blocks] from each task's per-block S_b/T_b: their geometric mean over tasks (a
+    task's overall scale cancels: only the split between blocks matters, the engine normalises
+    the total), raised to α/2, clipped ×spread in σ² around the median. A block whose measured
+    signal is ≤ 0 (noise) sits at the bottom of the clip."""
+    logs = torch.stack([r.clamp(min=1e-30).log() for r in ratios])
+    var = (alpha * logs.mean(0)).exp()
+    median = var.median()
+    return var.clamp(median / spread, median * spread).sqrt()
+
+
+def allocate(cfg: AllocateConfig) -> Path:
+    model, tokenizer = load_model(cfg.model)
+    model.eval()
+    ratios, tasks = [], [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ZoftError(f"--tasks needs at least one task name, got {cfg.tasks!r}")
+    for name in tasks:
+        blocks, (S, _, T) = statistics(model, tokenizer, name, cfg.data_dir, cfg.batches, cfg.batch_size,
+                                       cfg.num_train, cfg.max_length, cfg.seed)
+        ratios.append(block_sums(S) / block_sums(T))
+    sigma = allocation(ratios, cfg.alpha, cfg.spread)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")  # never a half-written file under the real name
+    save_block_scales(partial, blocks, sigma, note=json.dumps({
+        "base_model": cfg.model, "tasks": tasks, "alpha": cfg.alpha, "spread": cfg.spread, "batches": cfg.batches,
+        "rule": "sigma_b^2 ~ (S_b/T_b)^alpha, S gradient signal, T Fisher trace, geometric mean over tasks"}))
+    partial.replace(out)
+    return out
+
+
+def register(subparsers):
+    from zoft.cli import add_config_flags
+
+    parser = subparsers.add_parser("meta-allocate", help="a base model's per-block perturbation allocation from meta-training tasks")
+    add_config_flags(parser, AllocateConfig, {})
+    parser.set_defaults(handler=_run)
+
+
+def _run(args):
+    from zoft.cli import _quiet_transformers
+
+    _quiet_transformers()
+    cfg = AllocateConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "handler")})
+    print(f"allocation: {allocate(cfg)}", file=sys.stdout)

@@ -1,0 +1,87 @@
+"""zoft meta-allocate: gradient and Fisher statistics per weight, the allocation built from them,
+and the file it writes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from meta_train.allocation import allocation, statistics
+from zoft.cli import main
+from zoft.data import Batches, candidate_token_ids, collate, encode
+from zoft.models import load_model
+from zoft.scoring import task_logits
+from zoft.tasks import get_task, sample_splits
+
+
+def _per_example_grads(model, batch, cand, labels):
+    out = []
+    for j in range(len(labels)):
+        model.zero_grad(set_to_none=True)
+        one = {k: v[j : j + 1] for k, v in batch.items()}
+        F.cross_entropy(task_logits(model, one, cand), labels[j : j + 1]).backward()
+        out.append(torch.cat([p.grad.view(-1).clone() for p in model.parameters()]))
+    return torch.stack(out)
+
+
+def test_statistics_equal_their_definitions_from_per_example_gradients(tiny_model_dir):
+    """S from distinct batches' products, B the mean square, T the signed sum over sampled labels:
+    rebuilt here one example at a time, with the same batches and the same random draws."""
+    model, tok = load_model(str(tiny_model_dir))
+    k, size, seed = 3, 4, 7
+    blocks, (S, B, T) = statistics(model, tok, "tweets", batches=k, batch_size=size, num_train=16, seed=seed)
+    task = get_task("tweets")
+    cand = candidate_token_ids(task, tok)
+    stream = Batches(encode(task, sample_splits(task, None, 16, 200, 1, 0).train, tok, 256), size, seed, tok.pad_token_id)
+    gen = torch.Generator().manual_seed(seed)
+    grads, fisher = [], 0
+    for _ in range(k):
+        batch = collate(stream.next_items(), tok.pad_token_id)
+        grads.append(_per_example_grads(model, batch, cand, batch["labels"]).mean(0))
+        with torch.no_grad():
+            drawn = torch.multinomial(task_logits(model, batch, cand).softmax(-1), 1, generator=gen).view(-1)
+            signs = torch.randint(0, 2, drawn.shape, generator=gen).float() * 2 - 1
+        fisher = fisher + (signs[:, None] * _per_example_grads(model, batch, cand, drawn)).sum(0) ** 2
+    g = torch.stack(grads)
+    total = g.sum(0)
+    expected = {"S": (total**2 - (g**2).sum(0)) / (k * (k - 1)), "B": (g**2).mean(0), "T": fisher / (k * size)}
+    for name, ours in zip("SBT", (S, B, T)):
+        torch.testing.assert_close(torch.cat(ours), expected[name], rtol=1e-4, atol=1e-9, msg=name)
+
+
+def test_allocation_follows_signal_per_curvature_across_tasks_and_clips():
+    one = torch.tensor([1.0, 4.0, 16.0, 1e4, -3.0])
+    sigma = allocation([one], alpha=1.0, spread=10.0)
+    var = sigma**2
+    assert var[0] < var[1] < var[2]  # more signal per unit of curvature, more perturbation
+    median = var.median()
+    torch.testing.assert_close(var[3], median * 10)  # clipped above ...
+    torch.testing.assert_close(var[4], median / 10)  # ... and a block with no measured signal below
+    two = allocation([one, one * torch.tensor([4.0, 1.0, 1.0, 1.0, 1.0])], alpha=1.0, spread=1e9)
+    torch.testing.assert_close(two[0] ** 2 / two[1] ** 2, torch.tensor(2.0 / 4.0))  # geometric mean over tasks
+
+
+def test_meta_allocate_writes_a_file_fine_tuning_reads_and_another_model_refuses(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "alloc.safetensors"
+    common = ["--model", str(tiny_model_dir), "--tasks", "tweets", "--batches", "2", "--batch-size", "4",
+              "--num-train", "16"]
+    assert main(["meta-allocate", *common, "--out", str(out)]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["alloc.safetensors"]  # no partial file left
+    run = ["finetune", "--model", str(tiny_model_dir), "--steps", "2", "--num-train", "8", "--num-dev", "4",
+           "--num-test", "4", "--batch-size", "4", "--perturbation", "block_scales", "--scales-file", str(out)]
+    assert main([*run, "--output-dir", str(tmp_path / "runs")]) == 0
+    from tests.conftest import tiny_llama, tiny_tokenizer
+
+    other = tmp_path / "other"
+    tiny_llama(tied=False).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    capsys.readouterr()
+    assert main([*run[:2], str(other), *run[3:], "--output-dir", str(tmp_path / "runs2")]) == 2
+    assert "made for other blocks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value,message", [("--batches", "1", "at least 2"), ("--alpha", "0", "alpha > 0")])
+def test_meta_allocate_bad_settings_stop_in_one_line(tmp_path, capsys, flag, value, message):
+    out = tmp_path / "a.safetensors"
+    assert main(["meta-allocate", "--out", str(out), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("zoft: error:") == 1 and not out.exists()
