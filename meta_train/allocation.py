@@ -26,6 +26,7 @@ from zoft.block_scales import save_block_scales
 from zoft.blocks import collect_blocks
 from zoft.data import Batches, candidate_token_ids, collate, encode
 from zoft.errors import ZoftError
+from zoft.magnitude_mask import MagnitudeMask, MagnitudeMaskConfig
 from zoft.models import DEFAULT_MODEL, load_model
 from zoft.scoring import task_logits
 from zoft.tasks import get_task, sample_splits
@@ -42,6 +43,9 @@ class AllocateConfig:
     num_train: int = 1000
     alpha: float = field(default=2.0, metadata={"help": "σ_b² ∝ (S_b/T_b)^alpha"})
     spread: float = field(default=10.0, metadata={"help": "σ_b² is clipped to [median/spread, median·spread]"})
+    fraction: float = field(default=1.0, metadata={
+        "help": "below 1: the allocation for --perturbation scaled_mask, from the weights its mask keeps"})
+    keep: str = field(default="largest", metadata={"help": "with --fraction: the mask's 'smallest' or 'largest' weights"})
     max_length: int = 256
     seed: int = 1234
 
@@ -52,6 +56,7 @@ class AllocateConfig:
             raise ZoftError(f"--batches must be at least 2 (S compares batch gradients), got {self.batches}")
         if self.alpha <= 0 or self.spread < 1:
             raise ZoftError(f"need alpha > 0 and spread >= 1, got {self.alpha} and {self.spread}")
+        MagnitudeMaskConfig(self.fraction, self.keep)  # checks both
 
 
 def statistics(model, tokenizer, task_name: str, data_dir=None, batches: int = 16, batch_size: int = 16,
@@ -88,8 +93,19 @@ def statistics(model, tokenizer, task_name: str, data_dir=None, batches: int = 1
     return blocks, [S, [q / k for q in grad_sq], [f / (k * batch_size) for f in fisher]]
 
 
-def block_sums(per_weight: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([x.double().sum() for x in per_weight])
+def block_sums(per_weight: list[torch.Tensor], masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+    masks = masks or [None] * len(per_weight)
+    return torch.stack([(x if m is None else x * m).double().sum() for x, m in zip(per_weight, masks)])
+
+
+def mask_of(blocks, fraction: float, keep: str) -> list[torch.Tensor] | None:
+    """The magnitude mask the fine-tune will use, per block (flat), or None without one."""
+    if fraction >= 1:
+        return None
+    piece = MagnitudeMask(MagnitudeMaskConfig(fraction, keep))
+    shaper = piece.shaper(piece.init(blocks))
+    with torch.no_grad():
+        return [shaper(b, torch.ones(b.numel), b.param.detach().view(-1).float()) for b in blocks]
 
 
 def allocation(ratios: list[torch.Tensor], alpha: float, spread: float) -> torch.Tensor:
@@ -112,13 +128,17 @@ def allocate(cfg: AllocateConfig) -> Path:
     for name in tasks:
         blocks, (S, _, T) = statistics(model, tokenizer, name, cfg.data_dir, cfg.batches, cfg.batch_size,
                                        cfg.num_train, cfg.max_length, cfg.seed)
-        ratios.append(block_sums(S) / block_sums(T))
+        masks = mask_of(blocks, cfg.fraction, cfg.keep)
+        signal, curvature = block_sums(S, masks), block_sums(T, masks)
+        # a block the mask leaves empty (all weights equal) has no ratio: bottom of the clip
+        ratios.append(torch.where(curvature > 0, signal / curvature.clamp(min=1e-300), 0.0))
     sigma = allocation(ratios, cfg.alpha, cfg.spread)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")  # never a half-written file under the real name
     save_block_scales(partial, blocks, sigma, note=json.dumps({
         "base_model": cfg.model, "tasks": tasks, "alpha": cfg.alpha, "spread": cfg.spread, "batches": cfg.batches,
+        "mask": None if cfg.fraction >= 1 else {"fraction": cfg.fraction, "keep": cfg.keep},
         "rule": "sigma_b^2 ~ (S_b/T_b)^alpha, S gradient signal, T Fisher trace, geometric mean over tasks"}))
     partial.replace(out)
     return out

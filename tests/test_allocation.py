@@ -1,6 +1,8 @@
 """zoft meta-allocate: gradient and Fisher statistics per weight, the allocation built from them,
 and the file it writes."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,3 +87,18 @@ def test_meta_allocate_bad_settings_stop_in_one_line(tmp_path, capsys, flag, val
     assert main(["meta-allocate", "--out", str(out), flag, value]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("zoft: error:") == 1 and not out.exists()
+
+
+def test_a_masked_allocation_is_computed_on_the_weights_the_mask_keeps(tmp_path, tiny_model_dir):
+    from safetensors import safe_open
+
+    common = ["meta-allocate", "--model", str(tiny_model_dir), "--tasks", "tweets", "--batches", "2",
+              "--batch-size", "4", "--num-train", "16", "--spread", "1e9"]
+    sigmas = {}
+    for name, extra in (("full", []), ("masked", ["--fraction", "0.2", "--keep", "largest"])):
+        assert main([*common, *extra, "--out", str(tmp_path / f"{name}.safetensors")]) == 0
+        with safe_open(str(tmp_path / f"{name}.safetensors"), framework="pt") as f:
+            sigmas[name], note = f.get_tensor("sigma"), json.loads(f.metadata()["note"])
+    assert note["mask"] == {"fraction": 0.2, "keep": "largest"}
+    ratio = sigmas["masked"] / sigmas["full"]
+    assert ratio.max() > 1.05 * ratio.min()  # a different split between blocks, not a rescaling

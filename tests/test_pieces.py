@@ -43,7 +43,7 @@ def _required(name, tmp_path, model) -> dict:
     """The settings a piece cannot do without: a file to read."""
     if name == "learned":
         return {"path": str(_tuner(tmp_path, model))}
-    if name == "block_scales":
+    if name in ("block_scales", "scaled_mask"):
         from zoft.block_scales import save_block_scales
 
         blocks = collect_blocks(model)
@@ -101,6 +101,31 @@ def test_a_step_under_a_learned_sigma_moves_each_block_by_exactly_lr_c_sigma_z(t
     for b, x in zip(opt.blocks, before):
         expected = x - lr * c * sigma[b.index] * _direction(opt, seed, b).double()
         torch.testing.assert_close(b.param.detach().double(), expected, rtol=0, atol=1e-6)
+
+
+def test_scaled_mask_moves_only_kept_weights_by_lr_c_sigma_z(tmp_path):
+    """Per-block σ from the file and the mask from the weights, both in the step."""
+    from zoft.block_scales import save_block_scales
+
+    model = tiny_llama()
+    blocks = collect_blocks(model)
+    save_block_scales(tmp_path / "s.safetensors", blocks, torch.linspace(0.5, 2, len(blocks)))
+    lr, eps = 1e-2, 1e-2
+    opt = zoft.build_optimizer(model, {"name": "spsa", "eps": eps}, {"name": "scaled_mask", "fraction": 0.5,
+                               "keep": "largest", "scales_file": str(tmp_path / "s.safetensors")},
+                               {"name": "sgd", "lr": lr}, seed=4)
+    before = [b.param.detach().double().clone() for b in opt.blocks]
+    opt.step(lambda: model(IDS, labels=IDS).loss)
+    sigma = opt.last_scales
+    assert max(sigma) > 3 * min(sigma)  # the file's scales, not ones
+    c = (opt.last["loss_plus"] - opt.last["loss_minus"]) / (2 * eps)
+    tau = opt.states["perturbation"].thresholds
+    for b, x in zip(opt.blocks, before):
+        seed = zoft.rng.derive(4, 0, 0)
+        z = torch.cat([opt.perturber.noise.chunk(seed, b, k, n, "cpu") for k, _, n in b.chunks()]).view_as(x)
+        kept = (x.abs() > tau[b.index]).double()
+        torch.testing.assert_close(b.param.detach().double(), x - lr * c * sigma[b.index] * z.double() * kept,
+                                   rtol=0, atol=1e-6)
 
 
 def test_tuner_features_put_the_last_loss_plus_before_the_loss_minus():

@@ -35,23 +35,28 @@ def save_block_scales(path, blocks, sigma: torch.Tensor, note: str = ""):
               metadata={"blocks": json.dumps([b.name for b in blocks]), "note": note})
 
 
+def read_block_scales(path: str, blocks, batch_size: int) -> list[float]:
+    """σ [num_blocks] from a block_scales file, checked against the blocks and normalised."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            names, sigma = json.loads(f.metadata()["blocks"]), f.get_tensor("sigma")
+    except Exception as e:
+        raise ZoftError(f"cannot read block scales {path}: {e}") from None
+    if names != [b.name for b in blocks]:
+        raise ZoftError(f"{path} was made for other blocks than this model's")
+    normaliser = LearnedScale(LearnedScaleConfig(batch_size=batch_size), net=torch.nn.Identity())
+    normaliser.dims = torch.tensor([normaliser._dim(b) for b in blocks], dtype=torch.float64)
+    return normaliser.normalised(sigma).tolist()
+
+
 @register("perturbation", "block_scales", BlockScalesConfig)
 class BlockScales(Isotropic):
     name = "block_scales"
 
     def init(self, blocks):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(self.cfg.scales_file, framework="pt") as f:
-                names, sigma = json.loads(f.metadata()["blocks"]), f.get_tensor("sigma")
-        except Exception as e:
-            raise ZoftError(f"cannot read block scales {self.cfg.scales_file}: {e}") from None
-        if names != [b.name for b in blocks]:
-            raise ZoftError(f"{self.cfg.scales_file} was made for other blocks than this model's")
-        normaliser = LearnedScale(LearnedScaleConfig(batch_size=self.cfg.batch_size), net=torch.nn.Identity())
-        normaliser.dims = torch.tensor([normaliser._dim(b) for b in blocks], dtype=torch.float64)
-        self.sigma = normaliser.normalised(sigma).tolist()
+        self.sigma = read_block_scales(self.cfg.scales_file, blocks, self.cfg.batch_size)
         return None
 
     def scales(self, blocks, state, **context):

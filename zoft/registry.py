@@ -20,7 +20,8 @@ from zoft.errors import ZoftError
 KINDS = ("estimator", "perturbation", "update", "noise", "task")
 _TABLES: dict[str, dict[str, tuple[type | None, object]]] = {kind: {} for kind in KINDS}
 # the modules whose import registers the built-in pieces
-_BUILTIN = ("zoft.estimators", "zoft.perturbations", "zoft.magnitude_mask", "zoft.block_scales", "zoft.updates",
+_BUILTIN = ("zoft.estimators", "zoft.perturbations", "zoft.magnitude_mask", "zoft.block_scales", "zoft.scaled_mask",
+            "zoft.updates",
             "zoft.momentum",
             "zoft.noise", "zoft.tasks")
 
