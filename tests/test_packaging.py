@@ -13,9 +13,10 @@ def test_wheel_ships_the_tuners_and_an_install_finds_them(tmp_path):
                     "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("zoft-*.whl")
     shipped = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("pretrained_tuners/*/tuner.safetensors"))
+    allocations = {f"zoft/{p.relative_to(ROOT).as_posix()}" for p in ROOT.glob("pretrained_tuners/*/allocation.safetensors")}
     assert shipped, "the repository ships no tuner"
     with zipfile.ZipFile(wheel) as z:
-        assert {f"zoft/{p}" for p in shipped} <= set(z.namelist())
+        assert {f"zoft/{p}" for p in shipped} | allocations <= set(z.namelist())
         z.extractall(tmp_path / "site")
     found = subprocess.run(
         [sys.executable, "-c", "import zoft.tuner as t; print('\\n'.join(str(p) for p in t.shipped_tuners()))"],
