@@ -39,7 +39,7 @@ from zoft.block_scales import save_block_scales  # noqa: E402
 from zoft.blocks import collect_blocks  # noqa: E402
 from zoft.models import DEFAULT_MODEL, load_model  # noqa: E402
 
-from meta_train.allocation import statistics  # noqa: E402
+from meta_train.allocation import allocation, block_sums, mask_of, statistics as weight_statistics  # noqa: E402
 from oracle_scales import module_type  # noqa: E402  (bench/, the script's own folder)
 
 ALPHAS = (0.5, 1.0, 2.0)
@@ -67,12 +67,6 @@ def best_block_weights(s, b, t, ref, spread: float = 10.0, iters: int = 3000) ->
     return (spread ** torch.tanh(x)).detach()
 
 
-def clipped(values: torch.Tensor, alpha: float) -> torch.Tensor:
-    v = values.clamp(min=1e-30) ** alpha
-    median = v.median()
-    return v.clamp(median / 10, median * 10)
-
-
 def load_or_measure(args):
     """(model, blocks, S, B, T); with ``--stats``, the per-weight statistics are read from that
     file when it exists (written there otherwise), so new shapings are scored without backward passes."""
@@ -90,7 +84,7 @@ def load_or_measure(args):
         saved = load_file(args.stats)
         blocks = collect_blocks(model)
         return model, blocks, *([saved[f"{k}/{b.name}"] for b in blocks] for k in "SBT")
-    blocks, (S, B, T) = statistics(model, tokenizer, args.task, args.data_dir, args.batches)
+    blocks, (S, B, T) = weight_statistics(model, tokenizer, args.task, args.data_dir, args.batches)
     if args.stats:
         save_file({f"{k}/{b.name}": x[i].contiguous() for k, x in zip("SBT", (S, B, T)) for i, b in enumerate(blocks)},
                   args.stats, metadata={"model": args.model, "task": args.task, "batches": str(args.batches)})
@@ -127,13 +121,14 @@ def main():
     def block_gain(d):
         return block_gain_of(d, s, b, t)
 
-    def elementwise_gain(weight_of):
-        sd = bd = td = energy = 0.0
-        for blk, se, be, te in zip(blocks, S, B, T):
-            d = weight_of(blk, blk.param.detach().abs().view(-1).float())
-            sd, bd, td = sd + (d * se).double().sum(), bd + (d * be).double().sum(), td + (d * te).double().sum()
-            energy = energy + d.double().sum()
-        return scored(sd, bd, td, energy)
+    def shaped_sums(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-block S, B, T and energy Σ d_e under a within-block shape d (a mask, say)."""
+        return [block_sums(X, weights) for X in (S, B, T)] + [block_sums(weights)]
+
+    def elementwise_gain(weights):
+        return scored(*(x.sum() for x in shaped_sums(weights)))
+
+    magnitudes = [blk.param.detach().abs().view(-1).float() for blk in blocks]
 
     for f in sorted(Path(args.oracle_dir).glob("*.safetensors")):
         from safetensors.torch import load_file
@@ -142,7 +137,7 @@ def main():
     ratio = s.clamp(min=0) / t
     held = torch.tensor([blk.is_embedding or blk.param.dim() < 2 for blk in blocks])
     for alpha in ALPHAS:
-        var = clipped(ratio, alpha)
+        var = allocation([ratio], alpha, spread=10.0) ** 2
         rows[f"σ² ∝ (S/T)^{alpha:g}, all"] = block_gain(var)
         matrices = var.clone()
         matrices[held] = var.median()
@@ -155,26 +150,17 @@ def main():
     best = best_block_weights(s, b, t, ref)
     rows["best per-block D within ×10 (ceiling)"] = block_gain(best)
 
-    def quantile(w, q):
-        return w.kthvalue(min(len(w), max(1, round(q * len(w))))).values
-
-    for frac in MASK_FRACTIONS:
-        rows[f"mask: smallest {frac:g} of each block"] = elementwise_gain(lambda blk, w: (w <= quantile(w, frac)).float())
-        rows[f"mask: largest {frac:g} of each block"] = elementwise_gain(lambda blk, w: (w > quantile(w, 1 - frac)).float())
-    for gamma in GAMMAS:
+    for frac in MASK_FRACTIONS:  # the masks the magnitude_mask piece makes
+        for keep in ("smallest", "largest"):
+            rows[f"mask: {keep} {frac:g} of each block"] = elementwise_gain(mask_of(blocks, frac, keep))
+    for gamma in GAMMAS:  # per-block mean of d is 1: only the split within a block changes
         rows[f"D ∝ |θ|^{gamma:g} (relative perturbation)"] = elementwise_gain(
-            lambda blk, w: (w / w.pow(gamma).mean().pow(1 / gamma).clamp(min=1e-30)).pow(gamma))
+            [w.pow(gamma) / w.pow(gamma).mean().clamp(min=1e-30) for w in magnitudes])
     # per-block σ on top of a within-block shape: the ceiling of a tuner that outputs both
-    shapes = {"largest 0.1": lambda w: (w > quantile(w, 0.9)).float(), "|θ|^1": lambda w: w / w.mean().clamp(min=1e-30)}
-    sums = {}
-    for name, shape in shapes.items():
-        per = [[], [], [], []]
-        for blk, se, be, te in zip(blocks, S, B, T):
-            d = shape(blk.param.detach().abs().view(-1).float())
-            for acc, x in zip(per, (se, be, te, torch.ones(()))):
-                acc.append((d * x).double().sum())
-        sums[name] = [torch.stack(x) for x in per]
-        rows[f"best per-block D within ×10, on {name}"] = block_gain_of(best_block_weights(*sums[name][:3], ref), *sums[name])
+    shapes = {"largest 0.1": mask_of(blocks, 0.1, "largest"), "|θ|^1": [w / w.mean().clamp(min=1e-30) for w in magnitudes]}
+    for name, weights in shapes.items():
+        sums = shaped_sums(weights)
+        rows[f"best per-block D within ×10, on {name}"] = block_gain_of(best_block_weights(*sums[:3], ref), *sums)
     signal = float(ref[0] / ref[1])  # ‖E g‖² / E‖g̃‖²: near 0, the batch gradient is almost all noise
     # S averages the k(k-1) products g_iᵀg_j (i ≠ j), each of spread ≈ B: its standard error
     spread = (2 / (args.batches * (args.batches - 1))) ** 0.5
