@@ -25,7 +25,7 @@ class BlockScalesConfig:
 
     def __post_init__(self):
         if not self.scales_file:
-            raise ZoftError("the block_scales perturbation needs --scales-file")
+            raise ZoftError("this perturbation needs --scales-file (a block_scales file; zoft meta-allocate writes one)")
 
 
 def save_block_scales(path, blocks, sigma: torch.Tensor, note: str = ""):

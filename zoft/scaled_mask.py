@@ -4,23 +4,18 @@ The two levers the ceiling study ranks highest at 135M, together (bench/results/
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from zoft.block_scales import read_block_scales
-from zoft.errors import ZoftError
+from zoft.block_scales import BlockScalesConfig, read_block_scales
 from zoft.magnitude_mask import MagnitudeMask, MagnitudeMaskConfig
 from zoft.registry import register
 
 
 @dataclass
-class ScaledMaskConfig(MagnitudeMaskConfig):
-    scales_file: str = field(default="", metadata={"help": "block_scales: safetensors file with sigma [num_blocks]"})
-    batch_size: int = 16  # the fine-tune's, for the effective dimension of an embedding
-
+class ScaledMaskConfig(MagnitudeMaskConfig, BlockScalesConfig):
     def __post_init__(self):
-        super().__post_init__()
-        if not self.scales_file:
-            raise ZoftError("the scaled_mask perturbation needs --scales-file")
+        MagnitudeMaskConfig.__post_init__(self)
+        BlockScalesConfig.__post_init__(self)
 
 
 @register("perturbation", "scaled_mask", ScaledMaskConfig)
