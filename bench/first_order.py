@@ -20,13 +20,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from zoft.data import Batches, candidate_token_ids, collate, encode  # noqa: E402
-from zoft.finetune import FinetuneConfig, _check  # noqa: E402
+from zoft.finetune import FinetuneConfig, checked  # noqa: E402
 from zoft.models import load_model  # noqa: E402
 from zoft.scoring import classification_loss, evaluate_task  # noqa: E402
 
 
 def fine_tune(cfg: FinetuneConfig, lr: float) -> dict:
-    cfg, task, splits = _check(cfg)
+    cfg, task, splits = checked(cfg)
     model, tokenizer = load_model(cfg.model)
     model.eval()  # dropout off, as in zoft's runs
     cand = candidate_token_ids(task, tokenizer)

@@ -264,7 +264,7 @@ def _loaded_weights(model_name: str, names: list[str]) -> dict | None:
     return {n: fresh[n].detach() for n in names}
 
 
-def _check(cfg: FinetuneConfig):
+def checked(cfg: FinetuneConfig):
     """(cfg with the task's defaults, task, splits): every user error, before anything loads."""
     task = resolve_task(cfg)
     make_parts(**cfg.method())
@@ -536,7 +536,7 @@ def _close(s: Session):
 
 
 def run(cfg: FinetuneConfig) -> dict:
-    cfg, task, splits = _check(cfg)
+    cfg, task, splits = checked(cfg)
     # default names are unique: two runs started in the same second get different ones
     name = cfg.run_name or (f"{task.name.replace(':', '-')}-{cfg.estimator}-s{cfg.seed}-"
                             f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
@@ -561,7 +561,7 @@ def saved_config(config: dict) -> FinetuneConfig:
 def resume(run_dir) -> dict:
     """Continue a killed run from its last checkpoint, with the settings it was started with."""
     RunFolder(Path(run_dir), owner=False).claim()  # is there anything to resume?
-    cfg, task, splits = _check(saved_config(json.loads((partial_dir(Path(run_dir)) / "config.json").read_text())))
+    cfg, task, splits = checked(saved_config(json.loads((partial_dir(Path(run_dir)) / "config.json").read_text())))
     group = distributed.from_env(_resolve_device(cfg.device))
     folder = RunFolder(Path(run_dir), owner=group.main)
     folder.claim()
