@@ -20,7 +20,8 @@ weights, no depletion of the gradient over a run, ε → 0.
 Printed: R for the block_scales files in bench/results/oracle, for curvature-aware per-block
 allocations σ_b² ∝ (S_b / T_b)^α (clipped ×10 around the median; written to
 ``--out`` as block_scales files), for the best per-block D found by direct maximisation of R
-(the per-block ceiling at these weights), and for Sparse MeZO's magnitude masks.
+(the per-block ceiling at these weights), for the best per-block update multiplier apart from σ
+(alone and with D), and for Sparse MeZO's magnitude masks.
 """
 
 from __future__ import annotations
@@ -52,19 +53,30 @@ def gain(S_D: torch.Tensor, B_D: torch.Tensor, T_D: torch.Tensor, ref: tuple) ->
     return (S_D**2 / (B_D * T_D)) / (S**2 / (B * T))
 
 
-def best_block_weights(s, b, t, ref, spread: float = 10.0, iters: int = 3000) -> torch.Tensor:
-    """argmax_D R(D) over per-block D in [1/spread, spread] (Adam on a tanh parametrisation):
-    the per-block ceiling. Unbounded, R's maximum sits on one small block, where the
-    high-dimension approximation and a fixed gradient are both worst."""
-    x = torch.zeros(len(s), dtype=torch.float64, requires_grad=True)
+def best_block_weights(s, b, t, ref, spread: float = 10.0, iters: int = 3000, scale: bool = True,
+                       multiplier: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmax R over a per-block D (σ_b², with ``scale``) and a per-block update multiplier M (with
+    ``multiplier``), each in [1/spread, spread] (Adam on a tanh parametrisation): the per-block
+    ceiling. Unbounded, R's maximum sits on one small block, where the high-dimension
+    approximation and a fixed gradient are both worst.
+
+    M moves block b by -η M_b ĝ_b apart from σ (DiZO's and HiZOO's lever): the expected step is
+    M D g while the noise in ĝ's coefficient depends on D alone, so a step gains
+    (Σ D M S)² / ((Σ D B)(Σ D M² T))."""
+    x = torch.zeros(2, len(s), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([x], lr=0.05)
+
+    def weights():
+        d, m = spread ** torch.tanh(x)
+        return (d if scale else torch.ones_like(d)), (m if multiplier else torch.ones_like(m))
+
     for _ in range(iters):
-        d = spread ** torch.tanh(x)
-        loss = -gain(d @ s, d @ b, d @ t, ref).log()
+        d, m = weights()
+        loss = -gain((d * m) @ s, d @ b, (d * m * m) @ t, ref).log()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return (spread ** torch.tanh(x)).detach()
+    return tuple(w.detach() for w in weights())
 
 
 def load_or_measure(args):
@@ -147,8 +159,12 @@ def main():
             save_block_scales(Path(args.out) / f"curv-all-a{alpha:g}.safetensors", blocks, var.sqrt(),
                               note=f"sigma^2 ~ (S_b/T_b)^{alpha:g} (gradient^2 over Fisher trace), clipped x10"
                                    f" around the median; tweets, {args.batches} batches of 16")
-    best = best_block_weights(s, b, t, ref)
+    best, _ = best_block_weights(s, b, t, ref)
     rows["best per-block D within ×10 (ceiling)"] = block_gain(best)
+    for label, scale in (("", False), ("D and ", True)):
+        d, m = best_block_weights(s, b, t, ref, scale=scale, multiplier=True)
+        rows[f"best per-block {label}update multiplier M within ×10"] = scored(
+            (d * m) @ s, d @ b, (d * m * m) @ t, d @ numel)
 
     for frac in MASK_FRACTIONS:  # the masks the magnitude_mask piece makes
         for keep in ("smallest", "largest"):
@@ -160,7 +176,7 @@ def main():
     shapes = {"largest 0.1": mask_of(blocks, 0.1, "largest"), "|θ|^1": [w / w.mean().clamp(min=1e-30) for w in magnitudes]}
     for name, weights in shapes.items():
         sums = shaped_sums(weights)
-        rows[f"best per-block D within ×10, on {name}"] = block_gain_of(best_block_weights(*sums[:3], ref), *sums)
+        rows[f"best per-block D within ×10, on {name}"] = block_gain_of(best_block_weights(*sums[:3], ref)[0], *sums)
     signal = float(ref[0] / ref[1])  # ‖E g‖² / E‖g̃‖²: near 0, the batch gradient is almost all noise
     # S averages the k(k-1) products g_iᵀg_j (i ≠ j), each of spread ≈ B: its standard error
     spread = (2 / (args.batches * (args.batches - 1))) ** 0.5
