@@ -31,8 +31,11 @@ def test_compare_draws_a_png_and_prints_the_table(tmp_path, capsys):
     out = tmp_path / "cmp.png"
     assert main(["compare", *map(str, dirs), "--out", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "| tweets | spsa | 2 | 0.720 ± 0.028 | 0.720 ± 0.028 | 0.710 ± 0.028 | 40 | 10 | 900 |" in table
-    assert "| tweets | kernel4 | 2 | 0.780 ± 0.028 | 0.780 ± 0.028 | 0.770 ± 0.028 | 20 | 10 | 900 |" in table
+    # mean curves at 0/20/40 fwd: spsa .50 .61 .72, kernel .50 .73 .78; the target, spsa's final
+    # .72, is crossed by kernel at 20 × .22/.23 = 19.1 fwd (interpolated), 0.48× spsa's 40;
+    # area ÷ span: (.555 + .665)/2 = .610 and (.615 + .755)/2 = .685
+    assert "| tweets | spsa | 2 | 0.720 ± 0.028 | 0.720 ± 0.028 | 0.710 ± 0.028 | 40 | 1.00× | 0.610 | 10 | 900 |" in table
+    assert "| tweets | kernel4 | 2 | 0.780 ± 0.028 | 0.780 ± 0.028 | 0.770 ± 0.028 | 19 | 0.48× | 0.685 | 10 | 900 |" in table
     assert "| tweets | target | | 0.720 |" in table
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert main(["compare", *map(str, dirs), "--metric", "train_loss", "--x", "seconds", "--out", str(out)]) == 0

@@ -1,8 +1,10 @@
 """``zoft compare``: runs side by side, from their run directories alone.
 
 Runs are grouped by (task, method); the runs of a group are seeds. Each group draws its mean
-curve with a min–max band; the table gives final and best dev accuracy, test accuracy, forward
-passes to reach a target (by default the baseline's final dev accuracy), time and peak memory.
+curve with a min–max band; the table gives final and best dev accuracy and test accuracy (mean ±
+sd over seeds), forward passes for the mean curve to reach a target (by default the baseline's
+final dev accuracy; interpolated between evaluations) and as a multiple of the baseline's, the
+area under the mean dev curve ÷ its span, time and peak memory.
 """
 
 from __future__ import annotations
@@ -127,7 +129,21 @@ def _mean_curve(runs: list[Run], x: str, metric: str):
 
 
 def _reach(xs, ys, target):
-    return next((x for x, y in zip(xs, ys) if y >= target - 1e-12), None)
+    """Where the curve first reaches ``target``, interpolated linearly between evaluations."""
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        if y >= target - 1e-12:
+            if i == 0:
+                return x
+            x0, y0 = xs[i - 1], ys[i - 1]
+            return x0 + (x - x0) * (target - y0) / (y - y0)
+    return None
+
+
+def _mean_level(xs, ys) -> float:
+    """Area under the curve ÷ its span: the mean dev accuracy over the run, which rewards getting
+    there early as well as where it ends."""
+    area = sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]))
+    return area / (xs[-1] - xs[0]) if len(xs) > 1 and xs[-1] > xs[0] else ys[0]
 
 
 def _best_of(methods: dict, short: str) -> str | None:
@@ -139,7 +155,7 @@ def _best_of(methods: dict, short: str) -> str | None:
 
 def table(groups, baseline: str | None, target: float | None) -> str:
     rows = ["| task | method | runs | final dev acc | best dev acc | test acc | fwd passes to target | "
-            "train s | peak MB |", "|---|---|---|---|---|---|---|---|---|"]
+            "÷ baseline's | dev AUC | train s | peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ms(values):
         return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
@@ -149,17 +165,20 @@ def table(groups, baseline: str | None, target: float | None) -> str:
         goal = target
         if goal is None and base is not None:
             goal = statistics.mean(r.summary["final_dev_acc"] for r in methods[base])
+        curves = {name: _mean_curve(runs, "forward_passes", "dev_acc") for name, runs in methods.items()}
+        reach = {name: None if goal is None else _reach(xs, mean, goal) for name, (xs, mean, _, _) in curves.items()}
         for name, runs in methods.items():
-            xs, mean, _, _ = _mean_curve(runs, "forward_passes", "dev_acc")
-            reach = None if goal is None else _reach(xs, mean, goal)
+            xs, mean, _, _ = curves[name]
+            mine, theirs = reach[name], reach.get(base)
             rows.append(
                 f"| {task} | {name} | {len(runs)} | {ms([r.summary['final_dev_acc'] for r in runs])} | "
                 f"{ms([r.summary['best_dev_acc'] for r in runs])} | {ms([r.summary['test_acc_after'] for r in runs])} | "
-                f"{'–' if goal is None else ('not reached' if reach is None else f'{reach:.0f}')} | "
+                f"{'–' if goal is None else ('not reached' if mine is None else f'{mine:.0f}')} | "
+                f"{f'{mine / theirs:.2f}×' if mine is not None and theirs else '–'} | {_mean_level(xs, mean):.3f} | "
                 f"{statistics.mean(r.summary['train_seconds'] for r in runs):.0f} | "
                 f"{max(r.summary['peak_memory_mb'] for r in runs):.0f} |")
         if goal is not None:
-            rows.append(f"| {task} | target | | {goal:.3f} | | | | | |")
+            rows.append(f"| {task} | target | | {goal:.3f} | | | | | | | |")
     return "\n".join(rows)
 
 
