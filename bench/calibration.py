@@ -20,9 +20,8 @@ import torch
 
 from zoft import trajectory
 from zoft.data import candidate_token_ids, collate, encode
-from zoft.finetune import checked, saved_config
+from zoft.finetune import checked, recorded_optimizer, saved_config
 from zoft.models import load_model
-from zoft.optimizer import build_optimizer
 from zoft.scoring import task_logits
 
 SHIFTS = torch.linspace(-8, 8, 321)
@@ -54,11 +53,9 @@ def along(run: Path, points: list[int]):
     model, tokenizer = load_model(cfg.model)
     model.eval()
     steps, meta = trajectory.read(run / "trajectory.safetensors")
-    method = meta["method"]
-    if method["update"].get("average") or cfg.master_weights:
+    if meta["method"]["update"].get("average") or cfg.master_weights:
         raise SystemExit(f"{run}: averaged or master-weight runs replay from step 0 only")  # see ZOOptimizer.replay
-    opt = build_optimizer(model, method["estimator"], method["perturbation"], method["update"], noise=meta["noise"],
-                          num_directions=int(meta["directions"]), seed=int(meta["seed"]))
+    opt = recorded_optimizer(model, meta, cfg, run / "trajectory.safetensors")
     cand = candidate_token_ids(task, tokenizer)
     dev, test = (encode(task, part, tokenizer, cfg.max_length) for part in (splits.dev, splits.test))
     done = 0

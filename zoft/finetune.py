@@ -40,7 +40,7 @@ from zoft.data import Batches, candidate_token_ids, collate, encode
 from zoft.errors import RunStopped, ZoftError
 from zoft.logging import JsonlLogger, WandbLogger
 from zoft.models import checkpoint_reader, load_model, model_id
-from zoft.optimizer import build_optimizer, make_parts
+from zoft.optimizer import ZOOptimizer, build_optimizer, make_parts
 from zoft.rundir import RunFolder
 from zoft.scoring import classification_loss, evaluate_task
 from zoft.tasks import get_task, jsonl_task, sample_splits
@@ -596,6 +596,17 @@ def save_model(model, tokenizer, cfg, method: dict, folder: Path):
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(folder / "README.md")
 
 
+def recorded_optimizer(model, meta: dict, cfg: FinetuneConfig, path) -> ZOOptimizer:
+    """The optimizer a trajectory file was recorded with, built on ``model`` and checked against
+    the file, so that ``replay`` re-applies its steps exactly."""
+    method = meta["method"]
+    opt = build_optimizer(model, method["estimator"], method["perturbation"], method["update"], noise=meta["noise"],
+                          num_directions=int(meta["directions"]), seed=int(meta["seed"]),
+                          master_weights=cfg.master_weights)
+    trajectory.check_matches(meta, opt, path)
+    return opt
+
+
 def replay_run(run_dir, out) -> Path:
     """Rebuild a run's selected model from the base model and its trajectory.safetensors, into
     ``out``: the same files as ``--save-model`` writes."""
@@ -612,11 +623,7 @@ def replay_run(run_dir, out) -> Path:
     device = config.get("device", "cpu")
     model, tokenizer = load_model(cfg.model, dtype=torch_dtype(cfg.dtype, device), device=device)
     model = with_adapters(model, cfg)
-    method = meta["method"]
-    opt = build_optimizer(model, method["estimator"], method["perturbation"], method["update"], noise=meta["noise"],
-                          num_directions=int(meta["directions"]), seed=int(meta["seed"]),
-                          master_weights=cfg.master_weights)
-    trajectory.check_matches(meta, opt, run_dir / "trajectory.safetensors")
+    opt = recorded_optimizer(model, meta, cfg, run_dir / "trajectory.safetensors")
     opt.replay(steps[:selected])
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
