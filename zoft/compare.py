@@ -23,12 +23,12 @@ METRICS = ("dev_acc", "train_loss")
 
 def method_of(config: dict) -> dict:
     """A run's full method: the piece specs it recorded (or, for runs from before they were
-    recorded, the specs its flat settings give) plus directions, PEFT mode and objective."""
+    recorded, the specs its flat settings give) plus directions, PEFT mode, objective and head start."""
     from zoft.config import method_from
 
     method = config.get("method") or method_from(config, config.get("tuner_path"))
     return {**method, "directions": config.get("directions", 1), "peft": config.get("peft", "none"),
-            "objective": config.get("objective", "loss")}
+            "objective": config.get("objective", "loss"), "head_init": config.get("head_init", "none")}
 
 
 def short_label(method: dict) -> str:
@@ -44,6 +44,7 @@ def short_label(method: dict) -> str:
     extras += ["avg"] * bool(upd.get("average")) + ["clip"] * bool(upd.get("clip_norm"))
     extras += [f"n{method['directions']}"] * (method["directions"] > 1)
     extras += [method["peft"]] * (method["peft"] != "none") + [method["objective"]] * (method["objective"] != "loss")
+    extras += ["probe"] * (method.get("head_init", "none") == "probe")
     label = "+".join([label, *extras])
     return label if method["noise"]["name"] == "table" else f"{label} ({method['noise']['name']})"
 

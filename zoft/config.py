@@ -86,6 +86,8 @@ class LoopConfig(TaskConfig):
     update: str = "sgd"
     noise: str = "table"
     tuner: str = "none"
+    head_init: str = field(default="none", metadata={
+        "help": "probe: first fit the label words' output rows on the frozen model's features (zoft/head.py)"})
     objective: str = "loss"
     seed: int = 0
     eval_every: int = 100
@@ -120,6 +122,10 @@ class LoopConfig(TaskConfig):
                 raise ZoftError(f"{kind} must be one of {', '.join(names(kind))}, got {getattr(self, kind)!r}")
         if self.tuner != "none" and self.perturbation != "isotropic":
             raise ZoftError(f"--tuner sets the perturbation; it cannot be combined with --perturbation {self.perturbation}")
+        if self.head_init not in ("none", "probe"):
+            raise ZoftError(f"head-init must be none or probe, got {self.head_init!r}")
+        if self.head_init == "probe" and self.peft != "none":
+            raise ZoftError("--head-init probe changes the label words' output rows, which peft's adapters do not hold")
         if self.objective not in ("loss", "accuracy", "f1"):
             raise ZoftError(f"objective must be loss, accuracy or f1, got {self.objective!r}")
         if self.peft not in ("none", "lora", "prefix"):

@@ -38,6 +38,7 @@ from zoft.config import EvalConfig, FinetuneConfig, TaskConfig, torch_dtype  # n
 from zoft import distributed
 from zoft.data import Batches, candidate_token_ids, collate, encode
 from zoft.errors import RunStopped, ZoftError
+from zoft.head import HeadStart, fit_probe, forward_passes
 from zoft.logging import JsonlLogger, WandbLogger
 from zoft.models import checkpoint_reader, load_model, model_id
 from zoft.optimizer import ZOOptimizer, build_optimizer, make_parts
@@ -90,6 +91,7 @@ class Session:
     group: distributed.Group = field(default_factory=distributed.Group)
     loggers: list = field(default_factory=list)
     stop: list = field(default_factory=list)  # the name of a signal asking the run to stop
+    head: HeadStart | None = None  # the label rows the run started from (--head-init probe)
 
     @property
     def work(self) -> Path:
@@ -232,9 +234,10 @@ def _snapshot_if_small(opt, adapters: bool, limit_fraction: float = 0.1):
     return {b.name: b.param.detach().clone() for b in opt.blocks}
 
 
-def restore_step(opt, model_name: str, upto: int, snapshot: dict | None = None) -> bool:
+def restore_step(opt, model_name: str, upto: int, snapshot: dict | None = None, head: HeadStart | None = None) -> bool:
     """Rebuild the weights after ``upto`` steps: the starting weights (a snapshot, or the model's
-    checkpoint), then the recorded updates replayed (bit-identical). False when neither exists."""
+    checkpoint, with the run's head start), then the recorded updates replayed (bit-identical).
+    False when neither exists."""
     if snapshot is not None:
         initial = dict(snapshot)
     else:
@@ -247,6 +250,8 @@ def restore_step(opt, model_name: str, upto: int, snapshot: dict | None = None) 
     with torch.no_grad():
         for b in opt.blocks:
             b.param.data.copy_(initial.pop(b.name))
+    if head is not None:
+        head.apply(opt.model)
     opt.replay(opt.history[:upto])
     return True
 
@@ -268,6 +273,8 @@ def checked(cfg: FinetuneConfig):
     """(cfg with the task's defaults, task, splits): every user error, before anything loads."""
     task = resolve_task(cfg)
     make_parts(**cfg.method())
+    if cfg.head_init == "probe" and task.train_loss != "choice":
+        raise ZoftError(f"--head-init probe needs a classification task; {task.name} scores answer sequences")
     if task.generates and cfg.objective != "loss":
         raise ZoftError(f"objective {cfg.objective} is for classification tasks; {task.name} trains on the answer's loss")
     if cfg.tuner not in ("none", "auto"):
@@ -330,6 +337,7 @@ def _save_checkpoint(s: Session, p: Progress, batches: Batches):
     p.data, p.metrics_bytes = batches.state_dict(), s.loggers[0].position()
     tensors, rest = s.opt.state_dict()
     tensors.update({f"trajectory/{k}": v for k, v in trajectory.to_tensors(s.opt.history, len(s.opt.blocks)).items()})
+    tensors.update(s.head.tensors() if s.head else {})
     meta = {"format": CHECKPOINT_FORMAT, "optimizer": json.dumps(rest), "progress": json.dumps(asdict(p))}
     tmp = s.work / f".{CHECKPOINT}.tmp"
     save_file(tensors, str(tmp), metadata=meta)
@@ -347,8 +355,12 @@ def _load_checkpoint(s: Session) -> Progress:
         raise ZoftError(f"{path}: checkpoint format {meta.get('format')!r}; this zoft reads {CHECKPOINT_FORMAT}")
     prefix = "trajectory/"
     s.opt.history = trajectory.from_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    s.head = HeadStart.from_tensors(tensors)
+    if s.head:
+        s.head.apply(s.model)
     s.opt.replay(s.opt.history)  # the starting weights, moved step by step as the run moved them
-    s.opt.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(prefix)}, json.loads(meta["optimizer"]))
+    s.opt.load_state_dict({k: v for k, v in tensors.items() if not k.startswith((prefix, "head/"))},
+                          json.loads(meta["optimizer"]))
     return Progress(**json.loads(meta["progress"]))
 
 
@@ -364,6 +376,12 @@ def _evaluate_dev(s: Session, p: Progress, step: int):
 def _start(s: Session, p: Progress):
     p.test_before = s.evaluate(s.test)["acc"]
     p.step = 0
+    if s.cfg.head_init == "probe":
+        s.head, metrics = fit_probe(s.model, s.train, s.cand, s.tokenizer.pad_token_id, s.cfg.eval_batch_size,
+                                    s.device, s.group, s.cfg.seed)
+        s.head.apply(s.model)
+        p.forward_passes += forward_passes(len(s.train), s.cfg.batch_size)
+        s.log(metrics, 0)
     _evaluate_dev(s, p, 0)
     s.log({"test/acc_before": p.test_before}, 0)
 
@@ -432,7 +450,7 @@ def _finish(s: Session, p: Progress, started: float) -> dict:
     cfg = s.cfg
     selected = cfg.steps
     if p.best_step != cfg.steps:
-        if restore_step(s.opt, cfg.model, p.best_step, s.snapshot):
+        if restore_step(s.opt, cfg.model, p.best_step, s.snapshot, s.head):
             selected = p.best_step
         else:
             warnings.warn(f"the starting weights of {cfg.model} cannot be read back, so the best-dev model (step"
@@ -448,11 +466,11 @@ def _finish(s: Session, p: Progress, started: float) -> dict:
         "best_dev_acc": p.best_acc, "best_dev_step": p.best_step, "final_dev_acc": p.dev_acc, "steps": cfg.steps,
         "forward_passes": p.forward_passes, "train_seconds": p.train_seconds, "s_per_step": p.train_seconds / cfg.steps,
         "wall_seconds": time.perf_counter() - started, "peak_memory_mb": _peak_memory_mb(s.device), "device": s.device,
-        "world_size": s.group.world,
+        "world_size": s.group.world, "head_init": cfg.head_init,
     }
     if not s.group.main:
         return summary
-    trajectory.save(s.work / "trajectory.safetensors", s.opt, cfg.method(s.tuner_path), model_id(cfg.model))
+    trajectory.save(s.work / "trajectory.safetensors", s.opt, cfg.method(s.tuner_path), model_id(cfg.model), s.head)
     if cfg.save_model:
         save_model(s.model, s.tokenizer, cfg, cfg.method(s.tuner_path), s.work / "model")
     s.log({"test/acc": test_after["acc"]}, cfg.steps)
@@ -598,12 +616,15 @@ def save_model(model, tokenizer, cfg, method: dict, folder: Path):
 
 def recorded_optimizer(model, meta: dict, cfg: FinetuneConfig, path) -> ZOOptimizer:
     """The optimizer a trajectory file was recorded with, built on ``model`` and checked against
-    the file, so that ``replay`` re-applies its steps exactly."""
+    the file, and the model set to the run's head start if it had one: ``replay`` then re-applies
+    its steps exactly."""
     method = meta["method"]
     opt = build_optimizer(model, method["estimator"], method["perturbation"], method["update"], noise=meta["noise"],
                           num_directions=int(meta["directions"]), seed=int(meta["seed"]),
                           master_weights=cfg.master_weights)
     trajectory.check_matches(meta, opt, path)
+    if meta["head"] is not None:
+        meta["head"].apply(model)
     return opt
 
 

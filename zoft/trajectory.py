@@ -2,8 +2,9 @@
 
 Every term an update applied, (seed, per-block scale), step by step, plus everything that
 determines a direction z: the noise source's spec (table seed and size), each block's name,
-shape and chunk length, and the method's piece specs (a perturbation may shape z). Replayed
-onto the starting weights (``ZOOptimizer.replay``) it rebuilds the fine-tuned weights bit for bit.
+shape and chunk length, and the method's piece specs (a perturbation may shape z); and, for a
+run with a head start (zoft/head.py), the label rows it began from. Replayed onto the starting
+weights (``ZOOptimizer.replay``) it rebuilds the fine-tuned weights bit for bit.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from zoft.errors import ZoftError
+from zoft.head import HeadStart
 from zoft.noise import noise_spec
 from zoft.updates import AppliedStep
 
@@ -52,18 +54,20 @@ def from_tensors(tensors: dict[str, torch.Tensor]) -> list[AppliedStep]:
     return steps
 
 
-def save(path: Path, opt, method: dict, model: str):
-    """Write the trajectory atomically (a temporary file renamed into place)."""
+def save(path: Path, opt, method: dict, model: str, head: HeadStart | None = None):
+    """Write the trajectory, and the head start the run began from if any, atomically (a
+    temporary file renamed into place)."""
     meta = {"format": FORMAT, "blocks": json.dumps(layout(opt.blocks)), "noise": json.dumps(noise_spec(opt.noise)),
             "method": json.dumps(method), "seed": str(opt.seed), "directions": str(opt.num_directions),
             "model": model}
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(to_tensors(opt.history, len(opt.blocks)), str(tmp), metadata=meta)
+    save_file({**to_tensors(opt.history, len(opt.blocks)), **(head.tensors() if head else {})}, str(tmp), metadata=meta)
     os.replace(tmp, path)
 
 
 def read(path: Path) -> tuple[list[AppliedStep], dict]:
-    """(steps, metadata with its JSON fields parsed); a missing or foreign file is a ZoftError."""
+    """(steps, metadata with its JSON fields parsed and the run's head start under "head", None
+    if it had none); a missing or foreign file is a ZoftError."""
     if not Path(path).is_file():
         raise ZoftError(f"trajectory not found: {path}")
     try:
@@ -75,6 +79,7 @@ def read(path: Path) -> tuple[list[AppliedStep], dict]:
         raise ZoftError(f"{path}: trajectory format {meta.get('format')!r}; this zoft reads {FORMAT}")
     for key in ("blocks", "noise", "method"):
         meta[key] = json.loads(meta[key])
+    meta["head"] = HeadStart.from_tensors(tensors)
     return from_tensors(tensors), meta
 
 
