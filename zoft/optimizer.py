@@ -63,6 +63,9 @@ class ZOOptimizer:
         self.master = self._fresh_master()
         self.step_count = 0
         self.states = {k: getattr(self, k).init(self.blocks) for k in PIECES}
+        # how the run's directions were shaped, fixed at its start (a mask's thresholds, say): replay
+        # reuses it, so no file is read again and a replay in pieces shapes like the run did
+        self._replay_shaper = self.perturbation.shaper(self.states["perturbation"])
         self.prev_losses: tuple[float, float] | None = None
         self.history: list[AppliedStep] | None = [] if record else None
         self.last: dict[str, float] = {}
@@ -142,7 +145,7 @@ class ZOOptimizer:
         averaging or master weights, ``steps`` must start at step 0 (both start as those weights)."""
         self.master = self._fresh_master()
         state = self.update.init(self.blocks)
-        self.perturber.shaper = self.perturbation.shaper(self.perturbation.init(self.blocks))
+        self.perturber.shaper = self._replay_shaper
         for applied in steps:
             if applied.mix is not None:
                 self._to_average_point(applied.mix, state.anchor)
