@@ -36,11 +36,15 @@ def _equal(a: Path, b: Path):
 
 
 @pytest.mark.skipif(not TORCHRUN.is_file(), reason="torchrun is not installed beside this python")
-@pytest.mark.parametrize("parallel, single", [("data", ["--accumulate", "2"]), ("directions", [])])
-def test_two_gloo_ranks_equal_one_process_bit_for_bit(parallel, single, tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("parallel, single, head", [
+    ("data", ["--accumulate", "2"], []), ("directions", [], []),
+    ("data", ["--accumulate", "2"], ["--head-init", "probe", "--eval-batch-size", "8"])],
+    ids=["data", "directions", "data+probe"])
+def test_two_gloo_ranks_equal_one_process_bit_for_bit(parallel, single, head, tmp_path, tiny_model_dir, monkeypatch):
+    """With a head start the ranks split the feature batches (4 of 8) and share the fitted rows."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)  # the same kernels as the ranks run
-    extra = ["--directions", "2"]
+    extra = ["--directions", "2", *head]
     assert main(_args(tiny_model_dir, tmp_path / "one", "r", *extra, *single)) == 0
     done = _torchrun(_args(tiny_model_dir, tmp_path / "two", "r", *extra, "--parallel", parallel))
     assert done.returncode == 0, done.stderr[-2000:]

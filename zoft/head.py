@@ -55,14 +55,14 @@ class HeadStart:
 
 @torch.no_grad()  # not inference mode: the fit differentiates through these states
 def answer_features(model, items, pad_id: int, batch_size: int, device, group=Group()) -> tuple[torch.Tensor, torch.Tensor]:
-    """(answer states [N, hidden] in float64, labels [N]) of the untouched model; under
-    torchrun each rank computes every world-th batch and the sum over ranks fills in the rest
-    (each row written by one rank, the others add 0: exact)."""
+    """(answer states [N, hidden] in float64, labels [N]) of the model as it stands, in batches of
+    similar length (little padding); under torchrun each rank computes every world-th batch and
+    the sum over ranks fills in the rest (each row written by one rank, the others add 0: exact)."""
     states = torch.zeros(len(items), model.config.hidden_size, dtype=torch.float64)
-    starts = range(0, len(items), batch_size)
-    for start in list(starts)[group.rank :: group.world]:
-        batch = collate(items[start : start + batch_size], pad_id, device)
-        states[start : start + batch_size] = answer_states(model, batch).double().cpu()
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    for rows in batches[group.rank :: group.world]:
+        states[rows] = answer_states(model, collate([items[i] for i in rows], pad_id, device)).double().cpu()
     return group.sum_(states), torch.tensor([it.label for it in items])
 
 
