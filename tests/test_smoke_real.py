@@ -33,3 +33,9 @@ def test_real_model_exact_restore_and_short_finetune(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "smoke" / "summary.json").read_text())
     assert summary["forward_passes"] == 6 and 0 <= summary["test_acc_after"] <= 1
+
+    # the demo's flagship: a head start on the real model (32 examples: 2 batches of 16 for the features)
+    code = main(["finetune", "--head-init", "probe", "--steps", "1", "--eval-every", "1", "--num-train", "32",
+                 "--num-dev", "16", "--num-test", "16", "--output-dir", str(tmp_path), "--run-name", "probe"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "probe" / "summary.json").read_text())["forward_passes"] == 2 + 2
