@@ -61,9 +61,10 @@ RUN = ["--num-train", "40", "--num-dev", "16", "--num-test", "16", "--batch-size
        "--lr", "2e-3", "--eps", "1e-2", "--head-init", "probe"]
 
 
-def test_a_probe_run_starts_from_its_rows_and_replays_to_the_saved_model(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("extra", [[], ["--dtype", "bf16", "--master-weights"]], ids=["fp32", "bf16+master"])
+def test_a_probe_run_starts_from_its_rows_and_replays_to_the_saved_model(tmp_path, tiny_model_dir, extra):
     args = ["finetune", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path), "--run-name", "r",
-            "--steps", "8", "--eval-every", "4", "--save-model", *RUN]
+            "--steps", "8", "--eval-every", "4", "--save-model", *RUN, *extra]
     assert main(args) == 0
     run = tmp_path / "r"
     # this run's best dev is before its last step, so best-dev selection rebuilds it too
@@ -75,10 +76,11 @@ def test_a_probe_run_starts_from_its_rows_and_replays_to_the_saved_model(tmp_pat
     rows = load_file(run / "trajectory.safetensors")["head/rows"]
     base = load_file(tiny_model_dir / "model.safetensors")
     key = next(k for k in base if k.endswith("embed_tokens.weight"))
-    assert not torch.equal(rows, base[key][CAND])
+    assert not torch.equal(rows.float(), base[key][CAND].to(rows.dtype).float())
     assert main(["replay", str(run), "--out", str(tmp_path / "replayed")]) == 0
     for f in (run / "model").iterdir():
         assert f.read_bytes() == (tmp_path / "replayed" / f.name).read_bytes(), f.name
+    assert "from a head start" in (run / "model" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -92,3 +94,14 @@ def test_probe_errors(tmp_path, tiny_model_dir, capsys, args, message):
     err = capsys.readouterr().err
     assert code == 2 and err.strip().splitlines()[-1].startswith("zoft: error: ") and message in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_an_fp32_master_copy_keeps_the_fitted_rows(tmp_path, tiny_model_dir):
+    """bf16 with --master-weights: the steps write the master copy back, so it must be taken after
+    the head start; at a vanishing lr the model stays where the probe put it."""
+    args = ["finetune", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path), "--run-name", "r",
+            "--steps", "4", "--eval-every", "4", *RUN, "--lr", "1e-9", "--dtype", "bf16", "--master-weights"]
+    assert main(args) == 0
+    dev = [json.loads(x)["dev/loss"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+           if "dev/loss" in x]
+    assert dev[1] == pytest.approx(dev[0], abs=1e-3)

@@ -51,6 +51,7 @@ CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "zoft-finetune-checkpoint-1"
 DIVERGED = 5.0  # the mean train loss of the last WINDOW steps over that of the first: diverging
 WINDOW = 10
+HEAD_START_CARD = ", from a head start (the label words' output rows fitted on the frozen model's features)"
 
 
 @dataclass
@@ -380,6 +381,7 @@ def _start(s: Session, p: Progress):
         s.head, metrics = fit_probe(s.model, s.train, s.cand, s.tokenizer.pad_token_id, s.cfg.eval_batch_size,
                                     s.device, s.group, s.cfg.seed)
         s.head.apply(s.model)
+        s.opt.restart_master()  # an fp32 master copy must hold the fitted rows too
         p.forward_passes += forward_passes(len(s.train), s.cfg.batch_size)
         s.log(metrics, 0)
     _evaluate_dev(s, p, 0)
@@ -608,8 +610,9 @@ def save_model(model, tokenizer, cfg, method: dict, folder: Path):
     body = (f"# {'Adapters' if adapters else 'Model'} fine-tuned with zoft\n\n"
             f"Zeroth-order fine-tuning (forward passes only) of {model_id(cfg.model)} on `{cfg.task}`"
             f"{f' through peft ({cfg.peft})' if adapters else ' (every weight)'}: {cfg.steps} steps of batch"
-            f" {cfg.batch_size}, {cfg.directions} direction(s) a step, seed {cfg.seed}; the model saved is the"
-            f" one with the best dev accuracy. Method (zoft {zoft.__version__}):\n\n    {spec}\n\n"
+            f" {cfg.batch_size}, {cfg.directions} direction(s) a step, seed {cfg.seed}"
+            f"{HEAD_START_CARD if cfg.head_init == 'probe' else ''};"
+            f" the model saved is the one with the best dev accuracy. Method (zoft {zoft.__version__}):\n\n    {spec}\n\n"
             "The run's `trajectory.safetensors` rebuilds these weights from the base model: `zoft replay RUN --out DIR`.\n")
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(folder / "README.md")
 

@@ -140,10 +140,15 @@ class ZOOptimizer:
             return None
         return [b.param.detach().float().clone() for b in self.blocks]
 
+    def restart_master(self):
+        """Take the fp32 master copy again from the weights as they are: after they were set from
+        outside the optimizer (a head start, a replay's starting weights)."""
+        self.master = self._fresh_master()
+
     def replay(self, steps: list[AppliedStep]):
         """Re-apply recorded steps to the weights they started from: bit-identical. With iterate
         averaging or master weights, ``steps`` must start at step 0 (both start as those weights)."""
-        self.master = self._fresh_master()
+        self.restart_master()
         state = self.update.init(self.blocks)
         self.perturber.shaper = self._replay_shaper
         for applied in steps:
