@@ -109,15 +109,13 @@ def _run_point(cfg, run_dir: Path, label: str, log):
         run(cfg)
 
 
-def run_grid(path, log=print) -> str:
-    from zoft.compare import compare
+def grid_configs(path) -> list:
+    """Every point's checked FinetuneConfig, in YAML order; nothing runs."""
     from zoft.finetune import FinetuneConfig
     from zoft.optimizer import make_parts
-    from zoft.rundir import GridLock
 
     path = Path(path)
     spec = _read(path)
-    out = Path(spec["output_dir"])
     known = {f.name for f in fields(FinetuneConfig)} - {"output_dir", "run_name"}
     configs = []
     for name, config in expand(spec):
@@ -125,9 +123,19 @@ def run_grid(path, log=print) -> str:
         unknown = set(config) - known
         if unknown:
             raise ZoftError(f"{path}: unknown finetune settings {sorted(unknown)}")
-        cfg = FinetuneConfig(**_coerce(config, path), output_dir=str(out), run_name=name)
+        cfg = FinetuneConfig(**_coerce(config, path), output_dir=str(Path(spec["output_dir"])), run_name=name)
         make_parts(**cfg.method())
         configs.append(cfg)
+    return configs
+
+
+def run_grid(path, log=print) -> str:
+    from zoft.compare import compare
+    from zoft.rundir import GridLock
+
+    spec = _read(Path(path))
+    out = Path(spec["output_dir"])
+    configs = grid_configs(path)
     with GridLock(out):
         for i, cfg in enumerate(configs, 1):
             _run_point(cfg, out / cfg.run_name, f"[{i}/{len(configs)}] {cfg.run_name}", log)
