@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml
 # then ZO-SGD at SPSA's protocol-v2 setting (lr 3e-5, eps 1e-3), sized to finish within 10 minutes
 # on 2 cores; bench/grids/demo.yaml runs it and plain SPSA at the same setting (README, Quickstart).
 demo: $(STAMP)
-	$(VENV)/bin/zoft finetune --task tweets --head-init probe --steps 25 --eval-every 25 --lr 3e-5 --eps 1e-3 \
-		--num-train 500 --num-dev 100 --num-test 300 --output-dir runs
+	$(VENV)/bin/zoft finetune --task tweets --head-init probe --steps 20 --eval-every 20 --lr 3e-5 --eps 1e-3 \
+		--num-train 500 --num-dev 100 --num-test 200 --output-dir runs
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow or smoke"

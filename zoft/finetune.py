@@ -458,8 +458,9 @@ def _finish(s: Session, p: Progress, started: float) -> dict:
             warnings.warn(f"the starting weights of {cfg.model} cannot be read back, so the best-dev model (step"
                           f" {p.best_step}) cannot be rebuilt; the model of the last step is tested")
     if selected == 0:
-        warnings.warn(f"no step improved on the starting dev accuracy {p.best_acc:.4f}; the model tested is the"
-                      " untouched one (try another lr)")
+        start = "the head start's (no ZO step)" if s.head else "the untouched one"
+        warnings.warn(f"no step improved on the starting dev accuracy {p.best_acc:.4f}; the model tested is"
+                      f" {start} (try another lr)")
     test_after = s.evaluate(s.test)
     summary = {
         "task": cfg.task, "model": model_id(cfg.model), "method": cfg.estimator, "noise": cfg.noise,
