@@ -1,7 +1,7 @@
 """What shaping the perturbation can buy per ZO step, predicted from the task's own gradient and
 curvature statistics (issue 11, part 2): a cheap ceiling before any 300-step run.
 
-    python bench/ceiling_predict.py [--task tweets] [--batches 16] [--model PATH] [--stats CACHE] [--json OUT]
+    python bench/ceiling_predict.py [--task tweets] [--batches 16] [--model PATH] [--head-from RUN] [--stats CACHE] [--json OUT]
 
 For ZO-SGD along u = D^½ z (z ~ N(0, I); D diagonal: a per-block scale σ_b² or a 0/1 mask) on a
 loss with gradient g, batch gradient g̃ and curvature H, the expected decrease of one step at lr η
@@ -16,6 +16,10 @@ cross-entropy over the candidates (labels drawn from the model, one backward per
 random signs per example). R is invariant to D's scale, so it compares methods each at its own
 best lr, as the protocol does. It is a one-step, fixed-point model: statistics at the given
 weights, no depletion of the gradient over a run, ε → 0.
+
+Also printed: isotropic ZO's own best one-step loss decrease, S² / (2 B T), in loss units: how much
+a step at these weights can gain at all (``--head-from RUN`` measures at the head start a run
+recorded, where the label rows are already fitted).
 
 Printed: R for the block_scales files in bench/results/oracle, for curvature-aware per-block
 allocations σ_b² ∝ (S_b / T_b)^α (clipped ×10 around the median; written to
@@ -38,6 +42,7 @@ import torch  # noqa: E402
 
 from zoft.block_scales import save_block_scales  # noqa: E402
 from zoft.blocks import collect_blocks  # noqa: E402
+from zoft.head import HeadStart  # noqa: E402
 from zoft.models import DEFAULT_MODEL, load_model  # noqa: E402
 
 from meta_train.allocation import allocation, block_sums, mask_of, statistics as weight_statistics  # noqa: E402
@@ -79,6 +84,22 @@ def best_block_weights(s, b, t, ref, spread: float = 10.0, iters: int = 3000, sc
     return tuple(w.detach() for w in weights())
 
 
+def head_start(run: Path) -> HeadStart:
+    """The label rows a run started from, from its trajectory (finished) or checkpoint (partial)."""
+    from safetensors.torch import load_file
+
+    files = [run / "trajectory.safetensors", run / "checkpoint.safetensors"]
+    found = next((f for f in files if f.is_file()), None)
+    head = HeadStart.from_tensors(load_file(str(found))) if found else None
+    if head is None:
+        raise SystemExit(f"{run}: no recorded head start (a run with --head-init probe)")
+    return head
+
+
+def weights_label(args) -> str:
+    return f"{args.model} + the head start of {args.head_from}" if args.head_from else args.model
+
+
 def load_or_measure(args):
     """(model, blocks, S, B, T); with ``--stats``, the per-weight statistics are read from that
     file when it exists (written there otherwise), so new shapings are scored without backward passes."""
@@ -86,12 +107,14 @@ def load_or_measure(args):
 
     model, tokenizer = load_model(args.model)
     model.eval()
+    if args.head_from:
+        head_start(Path(args.head_from)).apply(model)
     if args.stats and Path(args.stats).is_file():
         from safetensors import safe_open
 
         with safe_open(args.stats, framework="pt") as f:
             made = f.metadata()
-        if (made.get("model"), made.get("task", "tweets")) != (args.model, args.task):
+        if (made.get("model"), made.get("task", "tweets")) != (weights_label(args), args.task):
             raise SystemExit(f"{args.stats} holds statistics of {made.get('model')} on {made.get('task', 'tweets')}")
         saved = load_file(args.stats)
         blocks = collect_blocks(model)
@@ -99,13 +122,14 @@ def load_or_measure(args):
     blocks, (S, B, T) = weight_statistics(model, tokenizer, args.task, args.data_dir, args.batches)
     if args.stats:
         save_file({f"{k}/{b.name}": x[i].contiguous() for k, x in zip("SBT", (S, B, T)) for i, b in enumerate(blocks)},
-                  args.stats, metadata={"model": args.model, "task": args.task, "batches": str(args.batches)})
+                  args.stats, metadata={"model": weights_label(args), "task": args.task, "batches": str(args.batches)})
     return model, blocks, S, B, T
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=DEFAULT_MODEL, help="weights to measure at (default: the base model)")
+    ap.add_argument("--head-from", default="", help="measure with the head start this run recorded (--head-init probe)")
     ap.add_argument("--batches", type=int, default=16)
     ap.add_argument("--task", default="tweets", help="the oracle's task; a meta-training task (rte) to pick a design")
     ap.add_argument("--data-dir", default=None, help="where SuperGLUE files are (../shared/data)")
@@ -180,8 +204,10 @@ def main():
     signal = float(ref[0] / ref[1])  # ‖E g‖² / E‖g̃‖²: near 0, the batch gradient is almost all noise
     # S averages the k(k-1) products g_iᵀg_j (i ≠ j), each of spread ≈ B: its standard error
     spread = (2 / (args.batches * (args.batches - 1))) ** 0.5
-    print(f"weights: {args.model}; {args.batches} batches of 16 {args.task} examples;"
-          f" signal fraction S/B = {signal:.4f} ± {spread:.3f}\n")
+    step_gain = float(ref[0] ** 2 / (2 * ref[1] * ref[2]))
+    print(f"weights: {weights_label(args)}; {args.batches} batches of 16 {args.task} examples;"
+          f" signal fraction S/B = {signal:.4f} ± {spread:.3f}; SPSA's best one-step loss decrease"
+          f" S²/(2BT) = {step_gain:.3g}\n")
     if signal < 2 * spread:  # R divides by S²: without a measurable signal it is a ratio of noise
         print("The signal is within two standard errors of 0: the batch gradient is mostly noise here, no"
               " direction shaping has a measured signal to shape, and R is not reported.")
@@ -200,7 +226,8 @@ def main():
         med = statistics.median(float(r) for blk, r in zip(blocks, ratio) if module_type(blk.name) == k) / overall
         print(f"| {k} | {shares['S'][k]:.3f} | {shares['B'][k]:.3f} | {shares['T'][k]:.3f} | {med:.3g} | {shares['D'][k]:.3f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "task": args.task, "batches": args.batches, "signal_fraction": signal, "gain": rows,
+        Path(args.json).write_text(json.dumps({"model": weights_label(args), "task": args.task, "batches": args.batches, "signal_fraction": signal,
+                                               "step_gain": step_gain, "gain": rows,
                                                "shares": shares}, indent=1) + "\n")
 
 

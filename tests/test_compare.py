@@ -108,3 +108,11 @@ def test_grid_errors(tmp_path):
             run_grid(bad)
     with pytest.raises(ZoftError, match="grid file not found"):
         run_grid(tmp_path / "none.yaml")
+
+
+def test_a_head_start_and_its_share_name_the_method():
+    from zoft.compare import method_labels
+
+    configs = [{"estimator": "spsa", "seed": 0}, {"estimator": "spsa", "head_init": "probe"},
+               {"estimator": "spsa", "head_init": "probe", "head_share": 0.5}]
+    assert method_labels(configs) == ["spsa", "spsa+probe", "spsa+probe0.5"]

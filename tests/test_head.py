@@ -83,8 +83,31 @@ def test_a_probe_run_starts_from_its_rows_and_replays_to_the_saved_model(tmp_pat
     assert "from a head start" in (run / "model" / "README.md").read_text()
 
 
+def test_a_head_share_fits_the_probe_on_one_part_and_trains_zo_on_the_rest(tmp_path, tiny_model_dir):
+    """--head-share 0.25: the probe sees 10 of the 40 examples (3 batches of 4), ZO's batches the
+    other 30 alone; the split is the config's, so a resumed run trains on the same part."""
+    from zoft.finetune import FinetuneConfig, head_split
+
+    train = list(range(40))
+    head, zo = head_split(train, FinetuneConfig(head_init="probe", head_share=0.25))
+    assert head == train[:10] and zo == train[10:]
+    assert head_split(train, FinetuneConfig(head_init="probe")) == (train, train)
+    assert head_split(train, FinetuneConfig()) == ([], train)
+    args = ["finetune", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path), "--run-name", "r",
+            "--steps", "2", "--eval-every", "2", *RUN, "--head-share", "0.25"]
+    assert main(args) == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["split_sizes"]["head"] == 10 and config["split_sizes"]["train"] == 30
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["forward_passes"] for x in lines if "train/loss" in x] == [3 + 2, 3 + 4]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--head-init", "lp"], "head-init must be none or probe"),
+    (["--head-share", "0.5"], "it needs --head-init probe"),
+    (["--head-init", "probe", "--head-share", "0"], "head-share must be in (0, 1]"),
+    (["--head-init", "probe", "--head-share", "1.5"], "head-share must be in (0, 1]"),
+    (["--head-init", "probe", "--num-train", "20", "--num-dev", "4", "--head-share", "0.99"], "leaves none of the 20"),
     (["--head-init", "probe", "--peft", "lora"], "which peft's adapters do not hold"),
     (["--head-init", "probe", "--task", "copa", "--data-dir", "../shared/data"], "needs a classification task"),
 ])

@@ -55,8 +55,8 @@ def _kill_at_random_step(cmd, folder: Path, steps: int, seed: int, marker='"trai
 
 @pytest.mark.parametrize("extra", [[], ["--update", "momentum", "--window", "3", "--directions", "2"],
                                    ["--estimator", "kernel", "--perturbation", "magnitude_mask"],
-                                   ["--head-init", "probe"]],
-                         ids=["sgd", "momentum", "kernel+mask", "probe"])
+                                   ["--head-init", "probe", "--head-share", "0.5"]],
+                         ids=["sgd", "momentum", "kernel+mask", "probe+share"])
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, extra):
     steps = 60
     assert main(_args(tiny_model_dir, tmp_path / "a", "r", steps, *extra)) == 0

@@ -28,7 +28,8 @@ def method_of(config: dict) -> dict:
 
     method = config.get("method") or method_from(config, config.get("tuner_path"))
     return {**method, "directions": config.get("directions", 1), "peft": config.get("peft", "none"),
-            "objective": config.get("objective", "loss"), "head_init": config.get("head_init", "none")}
+            "objective": config.get("objective", "loss"), "head_init": config.get("head_init", "none"),
+            "head_share": config.get("head_share", 1.0)}
 
 
 def short_label(method: dict) -> str:
@@ -44,7 +45,8 @@ def short_label(method: dict) -> str:
     extras += ["avg"] * bool(upd.get("average")) + ["clip"] * bool(upd.get("clip_norm"))
     extras += [f"n{method['directions']}"] * (method["directions"] > 1)
     extras += [method["peft"]] * (method["peft"] != "none") + [method["objective"]] * (method["objective"] != "loss")
-    extras += ["probe"] * (method.get("head_init", "none") == "probe")
+    share = method.get("head_share", 1.0)
+    extras += [f"probe{share:g}" if share < 1 else "probe"] * (method.get("head_init", "none") == "probe")
     label = "+".join([label, *extras])
     return label if method["noise"]["name"] == "table" else f"{label} ({method['noise']['name']})"
 

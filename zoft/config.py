@@ -88,6 +88,9 @@ class LoopConfig(TaskConfig):
     tuner: str = "none"
     head_init: str = field(default="none", metadata={
         "help": "probe: first fit the label words' output rows on the frozen model's features (zoft/head.py)"})
+    head_share: float = field(default=1.0, metadata={
+        "help": "with --head-init probe: the share of the training examples the probe is fitted on; below 1, ZO"
+                " trains on the others alone, whose loss the fitted rows have not seen"})
     objective: str = "loss"
     seed: int = 0
     eval_every: int = 100
@@ -124,6 +127,10 @@ class LoopConfig(TaskConfig):
             raise ZoftError(f"--tuner sets the perturbation; it cannot be combined with --perturbation {self.perturbation}")
         if self.head_init not in ("none", "probe"):
             raise ZoftError(f"head-init must be none or probe, got {self.head_init!r}")
+        if not 0 < self.head_share <= 1:
+            raise ZoftError(f"head-share must be in (0, 1], got {self.head_share}")
+        if self.head_share < 1 and self.head_init != "probe":
+            raise ZoftError("--head-share splits the training set between the probe and ZO; it needs --head-init probe")
         if self.head_init == "probe" and self.peft != "none":
             raise ZoftError("--head-init probe changes the label words' output rows, which peft's adapters do not hold")
         if self.objective not in ("loss", "accuracy", "f1"):

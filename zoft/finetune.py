@@ -93,6 +93,7 @@ class Session:
     loggers: list = field(default_factory=list)
     stop: list = field(default_factory=list)  # the name of a signal asking the run to stop
     head: HeadStart | None = None  # the label rows the run started from (--head-init probe)
+    head_items: list = field(default_factory=list)  # the examples the probe is fitted on
 
     @property
     def work(self) -> Path:
@@ -283,7 +284,23 @@ def checked(cfg: FinetuneConfig):
     if cfg.num_dev is None:
         cfg = replace(cfg, num_dev=task.num_dev)
     splits = sample_splits(task, cfg.data_dir, cfg.num_train, cfg.num_dev, cfg.num_test, cfg.data_seed)
+    head_items, zo_items = head_split(splits.train, cfg)
+    if cfg.head_init == "probe" and not zo_items:
+        raise ZoftError(f"--head-share {cfg.head_share} leaves none of the {len(splits.train)} training examples to ZO")
     return cfg, task, splits
+
+
+def head_split(train: list, cfg: FinetuneConfig) -> tuple[list, list]:
+    """(the probe's examples, ZO's): with --head-share below 1 the first share of the (randomly
+    drawn) training sample goes to the probe and the rest to ZO alone, so that ZO's loss is measured
+    on examples the fitted rows have not seen; otherwise both get all of them. Fixed by the config,
+    so a resumed run trains on the same part."""
+    if cfg.head_init != "probe":
+        return [], train
+    if cfg.head_share == 1:
+        return train, train
+    n = math.ceil(cfg.head_share * len(train))
+    return train[:n], train[n:]
 
 
 def _setup(cfg, task, splits, folder: RunFolder, group: distributed.Group) -> Session:
@@ -291,7 +308,8 @@ def _setup(cfg, task, splits, folder: RunFolder, group: distributed.Group) -> Se
     model, tokenizer = load_model(cfg.model, dtype=torch_dtype(cfg.dtype, device), device=device)
     model = with_adapters(model, cfg)
     cand = candidate_token_ids(task, tokenizer, device)
-    encoded = [encode(task, part, tokenizer, cfg.max_length) for part in (splits.train, splits.dev, splits.test)]
+    head_items, zo_items = head_split(splits.train, cfg)
+    encoded = [encode(task, part, tokenizer, cfg.max_length) for part in (zo_items, splits.dev, splits.test)]
     tuner_path = _resolve_tuner(cfg.tuner, model)
     method = cfg.method(tuner_path)
     if tuner_path:
@@ -301,7 +319,7 @@ def _setup(cfg, task, splits, folder: RunFolder, group: distributed.Group) -> Se
                           num_directions=cfg.directions, seed=cfg.seed, record=True, direction_group=by_direction,
                           master_weights=cfg.master_weights)
     return Session(cfg, task, model, tokenizer, opt, cand, *encoded, device, tuner_path, _snapshot_if_small(opt, cfg.peft != "none"),
-                   folder, group)
+                   folder, group, head_items=encoded[0] if head_items is zo_items else encode(task, head_items, tokenizer, cfg.max_length))
 
 
 def _write_config(s: Session):
@@ -309,7 +327,7 @@ def _write_config(s: Session):
     config = {**asdict(cfg), "model_id": model_id(cfg.model), "device": s.device, "tuner_path": s.tuner_path,
               "method": cfg.method(s.tuner_path), "num_blocks": len(s.opt.blocks),
               "trainable_params": sum(b.numel for b in s.opt.blocks),
-              "split_sizes": {"train": len(s.train), "dev": len(s.dev), "test": len(s.test)},
+              "split_sizes": {"train": len(s.train), "head": len(s.head_items), "dev": len(s.dev), "test": len(s.test)},
               "versions": {"zoft": zoft.__version__, "torch": torch.__version__,
                            "transformers": __import__("transformers").__version__,
                            "python": platform.python_version()}}
@@ -378,11 +396,11 @@ def _start(s: Session, p: Progress):
     p.test_before = s.evaluate(s.test)["acc"]
     p.step = 0
     if s.cfg.head_init == "probe":
-        s.head, metrics = fit_probe(s.model, s.train, s.cand, s.tokenizer.pad_token_id, s.cfg.eval_batch_size,
+        s.head, metrics = fit_probe(s.model, s.head_items, s.cand, s.tokenizer.pad_token_id, s.cfg.eval_batch_size,
                                     s.device, s.group, s.cfg.seed)
         s.head.apply(s.model)
         s.opt.restart_master()  # an fp32 master copy must hold the fitted rows too
-        p.forward_passes += forward_passes(len(s.train), s.cfg.batch_size)
+        p.forward_passes += forward_passes(len(s.head_items), s.cfg.batch_size)
         s.log(metrics, 0)
     _evaluate_dev(s, p, 0)
     s.log({"test/acc_before": p.test_before}, 0)
