@@ -19,7 +19,8 @@ weights, no depletion of the gradient over a run, ε → 0.
 
 Also printed: isotropic ZO's own best one-step loss decrease, S² / (2 B T), in loss units: how much
 a step at these weights can gain at all (``--head-from RUN`` measures at the head start a run
-recorded, where the label rows are already fitted).
+recorded, where the label rows are already fitted; on the examples ZO trains on, which with
+``--head-share`` are those the probe did not see).
 
 Printed: R for the block_scales files in bench/results/oracle, for curvature-aware per-block
 allocations σ_b² ∝ (S_b / T_b)^α (clipped ×10 around the median; written to
@@ -96,6 +97,17 @@ def head_start(run: Path) -> HeadStart:
     return head
 
 
+def zo_skip(args) -> int:
+    """How many of the training sample's first examples ZO does not train on: with --head-from a
+    run whose probe saw a share of them (--head-share), the statistics are those of ZO's part."""
+    if not args.head_from:
+        return 0
+    config = json.loads((Path(args.head_from) / "config.json").read_text())
+    if (config["task"], config["num_train"], config["data_seed"]) != (args.task, 1000, 0):
+        raise SystemExit(f"{args.head_from} is not a run on the protocol's {args.task} sample (1000 train, data seed 0)")
+    return config["num_train"] - config["split_sizes"]["train"]
+
+
 def weights_label(args) -> str:
     return f"{args.model} + the head start of {args.head_from}" if args.head_from else args.model
 
@@ -119,7 +131,7 @@ def load_or_measure(args):
         saved = load_file(args.stats)
         blocks = collect_blocks(model)
         return model, blocks, *([saved[f"{k}/{b.name}"] for b in blocks] for k in "SBT")
-    blocks, (S, B, T) = weight_statistics(model, tokenizer, args.task, args.data_dir, args.batches)
+    blocks, (S, B, T) = weight_statistics(model, tokenizer, args.task, args.data_dir, args.batches, skip=zo_skip(args))
     if args.stats:
         save_file({f"{k}/{b.name}": x[i].contiguous() for k, x in zip("SBT", (S, B, T)) for i, b in enumerate(blocks)},
                   args.stats, metadata={"model": weights_label(args), "task": args.task, "batches": str(args.batches)})
