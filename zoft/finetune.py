@@ -318,7 +318,8 @@ def _setup(cfg, task, splits, folder: RunFolder, group: distributed.Group) -> Se
     opt = build_optimizer(model, method["estimator"], method["perturbation"], method["update"], noise=method["noise"],
                           num_directions=cfg.directions, seed=cfg.seed, record=True, direction_group=by_direction,
                           master_weights=cfg.master_weights)
-    probe_items = encoded[0] if head_items is zo_items else encode(task, head_items, tokenizer, cfg.max_length)
+    probe_items = ([] if not head_items else encoded[0] if head_items is zo_items
+                   else encode(task, head_items, tokenizer, cfg.max_length))
     return Session(cfg, task, model, tokenizer, opt, cand, *encoded, device, tuner_path, _snapshot_if_small(opt, cfg.peft != "none"),
                    folder, group, head_items=probe_items)
 
