@@ -13,7 +13,7 @@ cd "$work/zoft"
 start=$(date +%s.%N)
 ZOFT_CACHE="$work/cache" make demo > "$work/demo.log" 2>&1 || { tail -5 "$work/demo.log"; exit 1; }
 end=$(date +%s.%N)
-grep -E "^(test|run:|[0-9]+ steps)" "$work/demo.log"
+grep -E "^(test accuracy|run:|[0-9]+ steps)" "$work/demo.log"
 python3 - "$start" "$end" runs/*/summary.json <<'PY'
 import json, sys
 start, end, summary = float(sys.argv[1]), float(sys.argv[2]), json.load(open(sys.argv[3]))
