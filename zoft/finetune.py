@@ -284,9 +284,7 @@ def checked(cfg: FinetuneConfig):
     if cfg.num_dev is None:
         cfg = replace(cfg, num_dev=task.num_dev)
     splits = sample_splits(task, cfg.data_dir, cfg.num_train, cfg.num_dev, cfg.num_test, cfg.data_seed)
-    head_items, zo_items = head_split(splits.train, cfg)
-    if cfg.head_init == "probe" and not zo_items:
-        raise ZoftError(f"--head-share {cfg.head_share} leaves none of the {len(splits.train)} training examples to ZO")
+    head_split(splits.train, cfg)  # a share that leaves ZO nothing fails before the model loads
     return cfg, task, splits
 
 
@@ -300,6 +298,8 @@ def head_split(train: list, cfg: FinetuneConfig) -> tuple[list, list]:
     if cfg.head_share == 1:
         return train, train
     n = math.ceil(cfg.head_share * len(train))
+    if n >= len(train):
+        raise ZoftError(f"--head-share {cfg.head_share} leaves none of the {len(train)} training examples to ZO")
     return train[:n], train[n:]
 
 
@@ -308,8 +308,8 @@ def _setup(cfg, task, splits, folder: RunFolder, group: distributed.Group) -> Se
     model, tokenizer = load_model(cfg.model, dtype=torch_dtype(cfg.dtype, device), device=device)
     model = with_adapters(model, cfg)
     cand = candidate_token_ids(task, tokenizer, device)
-    head_items, zo_items = head_split(splits.train, cfg)
-    encoded = [encode(task, part, tokenizer, cfg.max_length) for part in (zo_items, splits.dev, splits.test)]
+    encoded = [encode(task, part, tokenizer, cfg.max_length) for part in (splits.train, splits.dev, splits.test)]
+    head_items, encoded[0] = head_split(encoded[0], cfg)
     tuner_path = _resolve_tuner(cfg.tuner, model)
     method = cfg.method(tuner_path)
     if tuner_path:
@@ -318,10 +318,8 @@ def _setup(cfg, task, splits, folder: RunFolder, group: distributed.Group) -> Se
     opt = build_optimizer(model, method["estimator"], method["perturbation"], method["update"], noise=method["noise"],
                           num_directions=cfg.directions, seed=cfg.seed, record=True, direction_group=by_direction,
                           master_weights=cfg.master_weights)
-    probe_items = ([] if not head_items else encoded[0] if head_items is zo_items
-                   else encode(task, head_items, tokenizer, cfg.max_length))
     return Session(cfg, task, model, tokenizer, opt, cand, *encoded, device, tuner_path, _snapshot_if_small(opt, cfg.peft != "none"),
-                   folder, group, head_items=probe_items)
+                   folder, group, head_items=head_items)
 
 
 def _write_config(s: Session):
