@@ -116,3 +116,14 @@ def test_a_head_start_and_its_share_name_the_method():
     configs = [{"estimator": "spsa", "seed": 0}, {"estimator": "spsa", "head_init": "probe"},
                {"estimator": "spsa", "head_init": "probe", "head_share": 0.5}]
     assert method_labels(configs) == ["spsa", "spsa+probe", "spsa+probe0.5"]
+
+
+def test_a_default_run_name_says_what_ran():
+    """The folder of a run started without --run-name carries compare's label for its method."""
+    from zoft.config import FinetuneConfig
+    from zoft.rundir import default_run_name
+
+    name = default_run_name(FinetuneConfig(head_init="probe", head_share=0.5, seed=2), "jsonl:a b.jsonl")
+    assert name.startswith("jsonl-a-b.jsonl-spsa-probe0.5-s2-")
+    assert default_run_name(FinetuneConfig(tuner="smollm2"), "tweets").startswith("tweets-tuner-spsa-s0-")
+    assert default_run_name(FinetuneConfig(), "tweets") != default_run_name(FinetuneConfig(), "tweets")

@@ -17,7 +17,6 @@ import math
 import os
 import platform
 import resource
-import secrets
 import shutil
 import signal
 import sys
@@ -42,7 +41,7 @@ from zoft.head import HeadStart, fit_probe, forward_passes
 from zoft.logging import JsonlLogger, WandbLogger
 from zoft.models import checkpoint_reader, load_model, model_id
 from zoft.optimizer import ZOOptimizer, build_optimizer, make_parts
-from zoft.rundir import RunFolder
+from zoft.rundir import RunFolder, default_run_name
 from zoft.scoring import classification_loss, evaluate_task
 from zoft.tasks import get_task, jsonl_task, sample_splits
 from zoft.tuner import read_tuner, summarise_scales
@@ -576,9 +575,7 @@ def _close(s: Session):
 
 def run(cfg: FinetuneConfig) -> dict:
     cfg, task, splits = checked(cfg)
-    # default names are unique: two runs started in the same second get different ones
-    name = cfg.run_name or (f"{task.name.replace(':', '-')}-{cfg.estimator}-s{cfg.seed}-"
-                            f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+    name = cfg.run_name or default_run_name(cfg, task.name)
     group = distributed.from_env(_resolve_device(cfg.device))
     folder = RunFolder(Path(cfg.output_dir) / group.broadcast_text(name), owner=group.main)
     folder.reserve()  # before the model loads: a taken name or an unwritable folder fails now

@@ -19,12 +19,12 @@ compared (``table.md`` and the plot in ``output_dir``).
 from __future__ import annotations
 
 import itertools
-import re
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 from zoft.errors import ZoftError
+from zoft.rundir import safe_name
 
 GRID_KEYS = {"output_dir", "base", "grid", "name", "compare"}
 
@@ -65,7 +65,7 @@ def expand(spec: dict) -> list[tuple[str, dict]]:
         else:
             name = "_".join(f"{k}-{v}" for k, v in config.items() if k in keys or any(
                 isinstance(x, dict) and k in x for x in spec["grid"].values()))
-        runs.append((re.sub(r"[^A-Za-z0-9._=-]+", "-", name), config))
+        runs.append((safe_name(name), config))
     names = [n for n, _ in runs]
     if len(set(names)) != len(names):
         raise ZoftError("two grid points get the same run name; add the varying keys to 'name'")

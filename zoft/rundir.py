@@ -23,6 +23,25 @@ from zoft.errors import ZoftError
 CHECKPOINT = "checkpoint.safetensors"
 
 
+def safe_name(text: str) -> str:
+    """``text`` as a folder name: every run of other characters than letters, digits and ._=- becomes -."""
+    return re.sub(r"[^A-Za-z0-9._=-]+", "-", text)
+
+
+def default_run_name(cfg, task_name: str) -> str:
+    """task-method-sSEED-time-rand: the method as ``zoft compare`` labels it, so the folder of a run
+    with a head start or a tuner says so (--tuner auto counts as asked for, found or not, since the
+    name is taken before the model loads); the time and random suffix keep names unique."""
+    import secrets
+    import time
+    from dataclasses import asdict
+
+    from zoft.compare import method_of, short_label
+
+    label = short_label(method_of({**asdict(cfg), "tuner_path": None if cfg.tuner == "none" else cfg.tuner}))
+    return safe_name(f"{task_name}-{label}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+
+
 def _try_lock(path: Path) -> int | None:
     """An exclusive lock on ``path`` (created if missing), or None while another process holds it."""
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
