@@ -128,7 +128,6 @@ def test_zoft_never_imports_meta_train():
 
 
 def test_meta_train_kill_9_then_resume_writes_the_same_tuner_bit_for_bit(tmp_path, tiny_model_dir):
-    import subprocess
     import sys
 
     from meta_train.train import MetaTrainConfig, meta_train

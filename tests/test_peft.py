@@ -1,5 +1,4 @@
 import json
-from pathlib import Path
 
 import torch
 
@@ -126,7 +125,7 @@ def test_cli_prefix_run_saves_an_adapter_that_peft_loads_alone(tmp_path, tiny_mo
 
 def test_prefix_starts_from_the_models_own_keys_and_values():
     """After the initialisation, peft's prompt is exactly the cache of the random tokens."""
-    from zoft.finetune import init_prefix_from_activations
+    from zoft.adapters import init_prefix_from_activations
 
     model = prefix_model()
     init_prefix_from_activations(model, seed=4)
