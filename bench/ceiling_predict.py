@@ -194,7 +194,7 @@ def main():
             Path(args.out).mkdir(parents=True, exist_ok=True)
             save_block_scales(Path(args.out) / f"curv-all-a{alpha:g}.safetensors", blocks, var.sqrt(),
                               note=f"sigma^2 ~ (S_b/T_b)^{alpha:g} (gradient^2 over Fisher trace), clipped x10"
-                                   f" around the median; tweets, {args.batches} batches of 16")
+                                   f" around the median; {weights_label(args)}, {args.task}, {args.batches} batches of 16")
     best, _ = best_block_weights(s, b, t, ref)
     rows["best per-block D within ×10 (ceiling)"] = block_gain(best)
     for label, scale in (("", False), ("D and ", True)):
