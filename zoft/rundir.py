@@ -15,9 +15,13 @@ import errno
 import fcntl
 import os
 import re
+import secrets
 import shutil
+import time
+from dataclasses import asdict
 from pathlib import Path
 
+from zoft.compare import method_of, short_label
 from zoft.errors import ZoftError
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -32,12 +36,6 @@ def default_run_name(cfg, task_name: str) -> str:
     """task-method-sSEED-time-rand: the method as ``zoft compare`` labels it, so the folder of a run
     with a head start or a tuner says so (--tuner auto counts as asked for, found or not, since the
     name is taken before the model loads); the time and random suffix keep names unique."""
-    import secrets
-    import time
-    from dataclasses import asdict
-
-    from zoft.compare import method_of, short_label
-
     label = short_label(method_of({**asdict(cfg), "tuner_path": None if cfg.tuner == "none" else cfg.tuner}))
     return safe_name(f"{task_name}-{label}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
 
