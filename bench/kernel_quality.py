@@ -73,7 +73,7 @@ def main():
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--eps", default="1e-3,1e-2,1e-1")
     ap.add_argument("--batches", type=int, default=2)
-    ap.add_argument("--directions", type=int, default=16, help="directions per batch")
+    ap.add_argument("--directions", type=int, default=12, help="directions per batch")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     model, tokenizer = load_model(args.model)
