@@ -31,15 +31,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from meta_train.allocation import protocol_stream  # noqa: E402
 from zoft.blocks import collect_blocks  # noqa: E402
-from zoft.data import Batches, candidate_token_ids, collate, encode  # noqa: E402
+from zoft.data import collate  # noqa: E402
 from zoft.estimators import Kernel, KernelConfig, SPSAConfig, TwoPoint  # noqa: E402
 from zoft.models import DEFAULT_MODEL, load_model  # noqa: E402
 from zoft.noise import make_noise  # noqa: E402
 from zoft.perturb import Perturber  # noqa: E402
 from zoft.rng import derive  # noqa: E402
 from zoft.scoring import task_logits  # noqa: E402
-from zoft.tasks import get_task, sample_splits  # noqa: E402
 
 KERNEL_ORDERS = (2, 4, 6)
 
@@ -78,10 +78,7 @@ def main():
     args = ap.parse_args()
     model, tokenizer = load_model(args.model)
     model.eval()
-    task = get_task(args.task)
-    cand = candidate_token_ids(task, tokenizer)
-    splits = sample_splits(task, args.data_dir, 1000, 200, 1, 0)  # the protocol's sample
-    stream = Batches(encode(task, splits.train, tokenizer, 256), 16, 0, tokenizer.pad_token_id)
+    cand, stream = protocol_stream(tokenizer, args.task, args.data_dir, seed=0)
     blocks = collect_blocks(model)
     perturber = Perturber(model, blocks, make_noise("table"))
     unit = [1.0] * len(blocks)

@@ -28,23 +28,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from meta_train.allocation import protocol_stream  # noqa: E402
 from zoft.block_scales import save_block_scales  # noqa: E402
 from zoft.blocks import collect_blocks  # noqa: E402
-from zoft.data import Batches, candidate_token_ids, encode  # noqa: E402
 from zoft.models import DEFAULT_MODEL, load_model  # noqa: E402
 from zoft.perturbations import LearnedScale, LearnedScaleConfig  # noqa: E402
 from zoft.scoring import classification_loss  # noqa: E402
-from zoft.tasks import get_task, sample_splits  # noqa: E402
 
 ALPHAS = (0.5, 1.0)
 
 
 def gradient_density(batches: int, batch_size: int = 16) -> tuple[list, torch.Tensor]:
     model, tokenizer = load_model(DEFAULT_MODEL)
-    task = get_task("tweets")
-    splits = sample_splits(task, None, 1000, 200, 1, 0)
-    cand = candidate_token_ids(task, tokenizer)
-    stream = Batches(encode(task, splits.train, tokenizer, 256), batch_size, 1234, tokenizer.pad_token_id)
+    cand, stream = protocol_stream(tokenizer, "tweets", batch_size=batch_size)
     blocks = collect_blocks(model)
     squares = torch.zeros(len(blocks), dtype=torch.float64)
     for _ in range(batches):

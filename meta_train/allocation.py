@@ -59,15 +59,22 @@ class AllocateConfig:
         MagnitudeMaskConfig(self.fraction, self.keep)  # checks both
 
 
+def protocol_stream(tokenizer, task_name: str, data_dir=None, batch_size: int = 16, seed: int = 1234,
+                    num_train: int = 1000, max_length: int = 256, skip: int = 0) -> tuple[torch.Tensor, Batches]:
+    """(label candidates, seeded batches) of the task's training sample as protocol v2 draws it
+    (data seed 0, dev 200), less its first ``skip`` examples (those a cross-fitted head start was
+    fitted on): the data the offline statistics and benches measure on."""
+    task = get_task(task_name)
+    splits = sample_splits(task, data_dir, num_train, 200, 1, 0)
+    items = encode(task, splits.train[skip:], tokenizer, max_length)
+    return candidate_token_ids(task, tokenizer), Batches(items, batch_size, seed, tokenizer.pad_token_id)
+
+
 def statistics(model, tokenizer, task_name: str, data_dir=None, batches: int = 16, batch_size: int = 16,
                num_train: int = 1000, max_length: int = 256, seed: int = 1234, skip: int = 0) -> tuple[list, list[list]]:
-    """(blocks, [S, B, T]): per weight, flat float32 per block, from ``batches`` batches of the
-    task's training sample (data seed 0) less its first ``skip`` examples (those a cross-fitted head
-    start was fitted on). S_e = (E g)_e², B_e = E g̃_e², T_e the Fisher diagonal."""
-    task = get_task(task_name)
-    splits = sample_splits(task, data_dir, num_train, 200, 1, 0)  # the protocol's sample (dev 200)
-    cand = candidate_token_ids(task, tokenizer)
-    stream = Batches(encode(task, splits.train[skip:], tokenizer, max_length), batch_size, seed, tokenizer.pad_token_id)
+    """(blocks, [S, B, T]): per weight, flat float32 per block, from ``batches`` batches of
+    ``protocol_stream``. S_e = (E g)_e², B_e = E g̃_e², T_e the Fisher diagonal."""
+    cand, stream = protocol_stream(tokenizer, task_name, data_dir, batch_size, seed, num_train, max_length, skip)
     blocks = collect_blocks(model)
     grad_sum, grad_sq, fisher = ([torch.zeros(b.numel) for b in blocks] for _ in range(3))
     gen = torch.Generator().manual_seed(seed)
