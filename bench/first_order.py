@@ -1,11 +1,15 @@
 """First-order reference on protocol v2 (issue 11): what backpropagation reaches on the same
 training sample, batches and evaluation, as a ceiling for "ends ≥ 2 points higher on test".
 
-    python bench/first_order.py [--task tweets] [--lrs 3e-6,1e-5,3e-5] [--steps 100] [--json OUT]
+    python bench/first_order.py [--task tweets] [--lrs 3e-6,1e-5,3e-5] [--steps 100] [--head-share S] [--json OUT]
 
 Full fine-tuning with AdamW (β = 0.9, 0.999, no weight decay, constant lr) on the run's own
 sample (1000 train, dev 200 every 25 steps, test 500 at the best dev step), batch 16 drawn by
 zoft's trainer with seed 0. Not memory-lean: this is the reference, not a method.
+
+With ``--head-share S`` it starts where the flagship's ZO starts: the label rows fitted by
+``--head-init probe`` on the first share S of the sample, then AdamW on the rest alone. Whether
+gradients gain anything there says whether ZO (and a tuner shaping it) has anything left to find.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from zoft.data import Batches, candidate_token_ids, collate, encode  # noqa: E402
-from zoft.finetune import FinetuneConfig, checked  # noqa: E402
+from zoft.finetune import FinetuneConfig, checked, head_split  # noqa: E402
+from zoft.head import fit_probe  # noqa: E402
 from zoft.models import load_model  # noqa: E402
 from zoft.scoring import classification_loss, evaluate_task  # noqa: E402
 
@@ -31,6 +36,9 @@ def fine_tune(cfg: FinetuneConfig, lr: float) -> dict:
     model.eval()  # dropout off, as in zoft's runs
     cand = candidate_token_ids(task, tokenizer)
     train, dev, test = (encode(task, part, tokenizer, cfg.max_length) for part in (splits.train, splits.dev, splits.test))
+    head_items, train = head_split(train, cfg)
+    if head_items:
+        fit_probe(model, head_items, cand, tokenizer.pad_token_id, cfg.eval_batch_size, "cpu", seed=cfg.seed)[0].apply(model)
     evaluate = lambda items: evaluate_task(model, task, items, cand, tokenizer, cfg.eval_batch_size)["acc"]  # noqa: E731
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     batches = Batches(train, cfg.batch_size, cfg.seed, tokenizer.pad_token_id)
@@ -53,9 +61,13 @@ def main():
     ap.add_argument("--task", default="tweets")
     ap.add_argument("--lrs", default="3e-6,1e-5,3e-5")
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--head-share", type=float, default=None, help="start from the cross-fitted head start (--head-init probe)")
+    ap.add_argument("--data-dir", default=None)
     ap.add_argument("--json", default="")
     args = ap.parse_args()
-    cfg = FinetuneConfig(task=args.task, steps=args.steps, eval_every=25, num_dev=200, num_test=500, seed=0)
+    head = {} if args.head_share is None else {"head_init": "probe", "head_share": args.head_share}
+    cfg = FinetuneConfig(task=args.task, steps=args.steps, eval_every=25, num_dev=200, num_test=500, seed=0,
+                         data_dir=args.data_dir, **head)
     results = []
     print("| lr | dev acc at steps 0, 25, … | best dev (step) | test at best dev |\n|---|---|---|---|", flush=True)
     for lr in (float(x) for x in args.lrs.split(",")):
@@ -65,7 +77,8 @@ def main():
               f" | {r['test_acc']:.3f} |", flush=True)
         if args.json:  # after every lr, so an interrupted bench keeps what it measured
             with open(args.json, "w") as f:
-                json.dump({"task": args.task, "steps": args.steps, "optimizer": "AdamW", "runs": results}, f, indent=1)
+                json.dump({"task": args.task, "steps": args.steps, "optimizer": "AdamW", "head_share": args.head_share,
+                           "runs": results}, f, indent=1)
 
 
 if __name__ == "__main__":
