@@ -18,14 +18,14 @@ import statistics
 import sys
 from pathlib import Path
 
-from zoft.compare import _mean_curve, _reach, curve, group_runs, load_run
+from zoft.compare import curve, first_crossing, group_runs, load_run, mean_curve
 
 
 def seed_rows(runs, goal: float, base_reach: float, passes: float, points: float, base_test: float):
     rows, ok = [], True
     for r in sorted(runs, key=lambda r: r.config["seed"]):
         xs, dev = curve(r, "forward_passes", "dev_acc")
-        reach = _reach(xs, dev, goal)
+        reach = first_crossing(xs, dev, goal)
         ratio = None if reach is None else reach / base_reach
         gain = 100 * (r.summary["test_acc_after"] - base_test)
         holds = ratio is not None and ratio <= passes and gain >= points
@@ -53,8 +53,8 @@ def main(argv=None) -> int:
         base = methods[args.baseline]
         goal = statistics.mean(r.summary["final_dev_acc"] for r in base)
         base_test = statistics.mean(r.summary["test_acc_after"] for r in base)
-        xs, mean, _, _ = _mean_curve(base, "forward_passes", "dev_acc")
-        base_reach = _reach(xs, mean, goal)
+        xs, mean, _, _ = mean_curve(base, "forward_passes", "dev_acc")
+        base_reach = first_crossing(xs, mean, goal)
         for name, runs in methods.items():
             if name == args.baseline:
                 continue

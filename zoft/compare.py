@@ -123,7 +123,7 @@ def group_runs(runs: list[Run], facet: str | None) -> dict[str, dict[str, list[R
     return groups
 
 
-def _mean_curve(runs: list[Run], x: str, metric: str):
+def mean_curve(runs: list[Run], x: str, metric: str):
     curves = [curve(r, x, metric) for r in runs]
     n = min(len(c[1]) for c in curves)
     xs = [statistics.mean(c[0][i] for c in curves) for i in range(n)]
@@ -131,7 +131,7 @@ def _mean_curve(runs: list[Run], x: str, metric: str):
     return xs, [statistics.mean(v) for v in ys], [min(v) for v in ys], [max(v) for v in ys]
 
 
-def _reach(xs, ys, target):
+def first_crossing(xs, ys, target):
     """Where the curve first reaches ``target``, interpolated linearly between evaluations."""
     for i, (x, y) in enumerate(zip(xs, ys)):
         if y >= target - 1e-12:
@@ -168,8 +168,8 @@ def table(groups, baseline: str | None, target: float | None) -> str:
         goal = target
         if goal is None and base is not None:
             goal = statistics.mean(r.summary["final_dev_acc"] for r in methods[base])
-        curves = {name: _mean_curve(runs, "forward_passes", "dev_acc") for name, runs in methods.items()}
-        reach = {name: None if goal is None else _reach(xs, mean, goal) for name, (xs, mean, _, _) in curves.items()}
+        curves = {name: mean_curve(runs, "forward_passes", "dev_acc") for name, runs in methods.items()}
+        reach = {name: None if goal is None else first_crossing(xs, mean, goal) for name, (xs, mean, _, _) in curves.items()}
         for name, runs in methods.items():
             xs, mean, _, _ = curves[name]
             mine, theirs = reach[name], reach.get(base)
@@ -194,7 +194,7 @@ def plot(groups, x: str, metric: str, out: Path):
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
     for ax, (task, methods) in zip(axes[0], groups.items()):
         for name, runs in sorted(methods.items()):
-            xs, mean, lo, hi = _mean_curve(runs, x, metric)
+            xs, mean, lo, hi = mean_curve(runs, x, metric)
             line, = ax.plot(xs, mean, label=f"{name} ({len(runs)} runs)")
             if len(runs) > 1:
                 ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
