@@ -83,6 +83,28 @@ def test_a_probe_run_starts_from_its_rows_and_replays_to_the_saved_model(tmp_pat
     assert "from a head start" in (run / "model" / "README.md").read_text()
 
 
+@pytest.mark.parametrize("adapters", [["--peft", "lora", "--lora-r", "2"], ["--peft", "prefix", "--prefix-tokens", "2"]],
+                         ids=["lora", "prefix"])
+def test_a_peft_run_from_a_head_start_saves_adapters_that_peft_loads_with_the_fitted_rows(tmp_path, tiny_model_dir,
+                                                                                          adapters):
+    """The rows live in the frozen embedding, not in the adapters: the saved folder must carry them,
+    or PeftModel.from_pretrained would rebuild the base model's rows under trained adapters."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    args = ["finetune", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path), "--run-name", "r",
+            "--steps", "4", "--eval-every", "2", "--save-model", *adapters, *RUN]
+    assert main(args) == 0
+    run = tmp_path / "r"
+    rows = load_file(run / "trajectory.safetensors")["head/rows"]
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "model")
+    assert torch.equal(loaded.get_output_embeddings().weight[CAND], rows)
+    assert torch.equal(loaded.get_input_embeddings().weight[CAND], rows)  # tied, as in the run
+    assert main(["replay", str(run), "--out", str(tmp_path / "replayed")]) == 0
+    for f in (run / "model").iterdir():
+        assert f.read_bytes() == (tmp_path / "replayed" / f.name).read_bytes(), f.name
+
+
 def test_a_head_share_fits_the_probe_on_one_part_and_trains_zo_on_the_rest(tmp_path, tiny_model_dir):
     """--head-share 0.25: the probe sees 10 of the 40 examples (3 batches of 4), ZO's batches the
     other 30 alone; the split is the config's, so a resumed run trains on the same part."""
@@ -108,7 +130,6 @@ def test_a_head_share_fits_the_probe_on_one_part_and_trains_zo_on_the_rest(tmp_p
     (["--head-init", "probe", "--head-share", "0"], "head-share must be in (0, 1]"),
     (["--head-init", "probe", "--head-share", "1.5"], "head-share must be in (0, 1]"),
     (["--head-init", "probe", "--num-train", "20", "--num-dev", "4", "--head-share", "0.99"], "leaves none of the 20"),
-    (["--head-init", "probe", "--peft", "lora"], "which peft's adapters do not hold"),
     (["--head-init", "probe", "--task", "copa", "--data-dir", "../shared/data"], "needs a classification task"),
 ])
 def test_probe_errors(tmp_path, tiny_model_dir, capsys, args, message):

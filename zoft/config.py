@@ -131,8 +131,6 @@ class LoopConfig(TaskConfig):
             raise ZoftError(f"head-share must be in (0, 1], got {self.head_share}")
         if self.head_share < 1 and self.head_init != "probe":
             raise ZoftError("--head-share splits the training set between the probe and ZO; it needs --head-init probe")
-        if self.head_init == "probe" and self.peft != "none":
-            raise ZoftError("--head-init probe changes the label words' output rows, which peft's adapters do not hold")
         if self.objective not in ("loss", "accuracy", "f1"):
             raise ZoftError(f"objective must be loss, accuracy or f1, got {self.objective!r}")
         if self.peft not in ("none", "lora", "prefix"):

@@ -557,9 +557,11 @@ def save_model(model, tokenizer, cfg, method: dict, folder: Path):
     same bytes from --save-model and from zoft replay, so nothing in it depends on the run's time."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
     adapters = cfg.peft != "none"
+    # A head start wrote the label rows into the frozen embedding: peft saves it beside the
+    # adapters, and PeftModel.from_pretrained loads it back, so the adapters alone are not the model.
+    model.save_pretrained(folder, **({"save_embedding_layers": True} if adapters and cfg.head_init == "probe" else {}))
+    tokenizer.save_pretrained(folder)
     data = ModelCardData(base_model=model_id(cfg.model).split(" ")[0], library_name="peft" if adapters else "transformers",
                          datasets=[cfg.task], tags=["zoft", "zeroth-order", method["estimator"]["name"],
                                                     *([cfg.peft] if adapters else [])])
