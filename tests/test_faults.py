@@ -1,5 +1,5 @@
 """Faults and odd input: one `zoft: error:` line naming the cause, exit 2, nothing left on disk;
-and runs that are never lost (concurrent names, a second grid, a full disk, SIGTERM)."""
+and runs that are never lost (concurrent names, grids sharing runs, a full disk, SIGTERM)."""
 
 import errno
 import json
@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,8 +133,8 @@ def test_four_runs_started_at_once_with_default_names_all_finish(tmp_path, tiny_
         sorted(str(r) for r in runs)
 
 
-def test_a_second_run_with_a_taken_name_and_a_second_grid_are_refused(tmp_path, tiny_model_dir, capsys):
-    from zoft.rundir import GridLock, RunFolder
+def test_a_second_run_with_a_taken_name_is_refused(tmp_path, tiny_model_dir, capsys):
+    from zoft.rundir import RunFolder
 
     folder = RunFolder(tmp_path / "runs" / "r")
     folder.reserve()  # as a run in progress holds it
@@ -141,11 +142,48 @@ def test_a_second_run_with_a_taken_name_and_a_second_grid_are_refused(tmp_path, 
     _one_error_line(capsys, "another run named r is running or was interrupted")
     assert folder.partial.is_dir()  # the first run's folder is untouched
     folder.discard()
+
+
+def _grid_file(tmp_path, model_dir, seeds) -> Path:
     grid = tmp_path / "g.yaml"
-    grid.write_text(f"output_dir: {tmp_path / 'grid'}\nbase: {{model: '{tiny_model_dir}', steps: 1}}\ngrid: {{seed: [0]}}\n")
-    with GridLock(tmp_path / "grid"):  # as a first grid holds it
-        assert main(["grid", str(grid)]) == 2
-        _one_error_line(capsys, "another zoft grid is running on")
+    grid.write_text(f"output_dir: {tmp_path / 'grid'}\nbase: {{model: '{model_dir}', steps: 2, num_train: 16, num_dev: 4,"
+                    f" num_test: 4, batch_size: 4}}\ngrid: {{seed: {seeds}}}\nname: 's{{seed}}'\n")
+    return grid
+
+
+def test_a_grid_leaves_a_run_another_process_holds_and_the_last_to_finish_writes_the_table(tmp_path, tiny_model_dir,
+                                                                                             capsys):
+    from zoft.rundir import RunFolder
+
+    grid = _grid_file(tmp_path, tiny_model_dir, [0, 1])
+    held = RunFolder(tmp_path / "grid" / "s0")
+    held.reserve()  # as another grid's process running s0
+    assert main(["grid", str(grid)]) == 0
+    out = capsys.readouterr()
+    assert "s0: running in another process, skipped" in out.err and "1 of 2 runs are still running" in out.out
+    assert (tmp_path / "grid" / "s1" / "summary.json").is_file() and not (tmp_path / "grid" / "table.md").exists()
+    assert held.partial.is_dir()  # left as its holder has it
+    held.discard()
+    assert main(["grid", str(grid)]) == 0
+    assert "s1: complete, skipped" in capsys.readouterr().err
+    assert "| 2 |" in (tmp_path / "grid" / "table.md").read_text()  # both seeds, one group
+
+
+def test_two_grids_started_at_once_share_the_runs_and_run_each_once(tmp_path, tiny_model_dir):
+    grid = _grid_file(tmp_path, tiny_model_dir, [0, 1, 2, 3])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "zoft.cli", "grid", str(grid)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    ran = []  # a run's name is logged as it starts, then again if another process had it
+    for log in logs:
+        lines = [line.split("] ")[1] for line in log.splitlines() if line.startswith("[")]
+        ran += [n for n in lines if n in {"s0", "s1", "s2", "s3"} and not {f"{n}: running in another process, skipped",
+                                                                           f"{n}: finished by another process"} & set(lines)]
+    assert sorted(ran) == ["s0", "s1", "s2", "s3"]  # every run by exactly one process
+    assert all((tmp_path / "grid" / f"s{k}" / "summary.json").is_file() for k in range(4))
+    assert "| 4 |" in (tmp_path / "grid" / "table.md").read_text()
 
 
 @pytest.mark.parametrize("where", ["trajectory", "metrics"])

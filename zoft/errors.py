@@ -13,3 +13,7 @@ class RunStopped(ZoftError):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class RunTaken(ZoftError):
+    """Another live process holds this run's folder: a grid moves on to its next run."""

@@ -1,4 +1,5 @@
-"""``zoft grid GRID.yaml``: the cartesian product of listed values, run one after another.
+"""``zoft grid GRID.yaml``: the cartesian product of listed values, run one after another (or by
+several processes at once: each takes the runs no other holds).
 
     output_dir: runs/tweets-grid
     base: {task: tweets, steps: 100, eval_every: 25}
@@ -12,8 +13,9 @@
     compare: {x: forward_passes, metric: dev_acc, out: comparison.png}
 
 Every run's config is checked before the first run starts. A run whose directory holds a
-summary is complete and skipped, and a killed run continues from its last checkpoint, so a killed grid resumes where it stopped; then the runs are
-compared (``table.md`` and the plot in ``output_dir``).
+summary is complete and skipped, a killed run continues from its last checkpoint (so a killed
+grid resumes where it stopped), and a run another live process holds is left to it; then the
+runs are compared (``table.md`` and the plot in ``output_dir``).
 """
 
 from __future__ import annotations
@@ -93,20 +95,33 @@ def _coerce(config: dict, path) -> dict:
     return out
 
 
-def _run_point(cfg, run_dir: Path, label: str, log):
+def _run_point(cfg, run_dir: Path, label: str, log) -> bool:
+    """Run, resume or skip one point; False when another live process is running it."""
+    from zoft.errors import RunTaken
     from zoft.finetune import resume, run
     from zoft.rundir import RunFolder
 
     if (run_dir / "summary.json").is_file():
         log(f"{label}: complete, skipped")
-    elif run_dir.exists():  # a directory without a summary is not ours to reuse
+        return True
+    if run_dir.exists():  # a directory without a summary is not ours to reuse
         raise ZoftError(f"{run_dir} exists but is not a complete run; remove it to rerun")
-    elif RunFolder(run_dir).resumable:  # a run that was killed
-        log(f"{label}: resumed from its checkpoint")
-        resume(run_dir)
-    else:
-        log(label)
-        run(cfg)
+    try:
+        if RunFolder(run_dir).resumable:  # a run that was killed, or one in another grid's hands
+            log(f"{label}: resumed from its checkpoint")
+            resume(run_dir)
+        else:
+            log(label)
+            run(cfg)
+    except RunTaken:
+        log(f"{label}: running in another process, skipped")
+        return False
+    except ZoftError:
+        if (run_dir / "summary.json").is_file():  # another process finished it as this one started it
+            log(f"{label}: finished by another process")
+            return True
+        raise
+    return True
 
 
 def grid_configs(path) -> list:
@@ -130,20 +145,33 @@ def grid_configs(path) -> list:
 
 
 def run_grid(path, log=print) -> str:
+    """Every point in turn, then the comparison. Several ``zoft grid`` processes can share one grid
+    (a process per GPU): each skips the runs another one holds, and the one that completes the
+    last run writes the table."""
     from zoft.compare import compare
-    from zoft.rundir import GridLock
+    from zoft.rundir import TableLock, check_writable
 
     spec = _read(Path(path))
     out = Path(spec["output_dir"])
     configs = grid_configs(path)
-    with GridLock(out):
-        for i, cfg in enumerate(configs, 1):
-            _run_point(cfg, out / cfg.run_name, f"[{i}/{len(configs)}] {cfg.run_name}", log)
+    check_writable(out, "grid output_dir")
+    elsewhere = [c.run_name for i, c in enumerate(configs, 1)
+                 if not _run_point(c, out / c.run_name, f"[{i}/{len(configs)}] {c.run_name}", log)]
+    elsewhere = [name for name in elsewhere if not (out / name / "summary.json").is_file()]
+    if elsewhere:
+        return (f"{len(elsewhere)} of {len(configs)} runs are still running in other processes"
+                f" ({', '.join(elsewhere)}); the grid that finishes the last one writes {out / 'table.md'}")
     opts = dict(spec.get("compare") or {})
     if "out" in opts:
         opts["out"] = out / opts["out"]
-    result = compare([out / c.run_name for c in configs], facet=opts.pop("facet", "task"), **opts)
-    (out / "table.md").write_text(result + "\n")
+    with TableLock(out) as lock:
+        if not lock.held:
+            opts.pop("out", None)  # another process is writing the same plot
+        result = compare([out / c.run_name for c in configs], facet=opts.pop("facet", "task"), **opts)
+        if lock.held:
+            tmp = out / ".table.md.tmp"
+            tmp.write_text(result + "\n")
+            tmp.replace(out / "table.md")
     return result
 
 

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from zoft.compare import method_of, short_label
-from zoft.errors import ZoftError
+from zoft.errors import RunTaken, ZoftError
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -115,7 +115,7 @@ class RunFolder:
             shutil.rmtree(private, ignore_errors=True)
             if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
-            raise ZoftError(f"another run named {self.run_dir.name} is running or was interrupted in {parent};"
+            raise RunTaken(f"another run named {self.run_dir.name} is running or was interrupted in {parent};"
                             f" continue it with --resume {self.run_dir}, or pick another --run-name") from None
 
     def claim(self):
@@ -128,7 +128,7 @@ class RunFolder:
             return
         self._fd = _try_lock(self.partial / ".lock")
         if self._fd is None:
-            raise ZoftError(f"{self.run_dir.name} is being run by another process")
+            raise RunTaken(f"{self.run_dir.name} is being run by another process")
 
     def release(self):
         if self._fd is not None:
@@ -155,17 +155,17 @@ class RunFolder:
         return (self.partial / CHECKPOINT).is_file()
 
 
-class GridLock:
-    """One ``zoft grid`` per output folder at a time."""
+class TableLock:
+    """One writer of a grid's table and plot at a time; ``held`` is False when another process is
+    writing them (the same ones: every run is complete by then)."""
 
     def __init__(self, folder: Path):
-        check_writable(folder, "grid output_dir")
         self._fd = _try_lock(folder / ".grid.lock")
-        if self._fd is None:
-            raise ZoftError(f"another zoft grid is running on {folder}")
+        self.held = self._fd is not None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        os.close(self._fd)
+        if self._fd is not None:
+            os.close(self._fd)
