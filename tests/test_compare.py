@@ -118,6 +118,19 @@ def test_a_head_start_and_its_share_name_the_method():
     assert method_labels(configs) == ["spsa", "spsa+probe", "spsa+probe0.5"]
 
 
+def test_one_tuner_file_read_from_two_checkouts_is_one_method_and_another_file_is_not():
+    from zoft.compare import method_labels
+    from zoft.config import method_from
+
+    def config(path, sha):
+        values = {"estimator": "spsa", "tuner": path}
+        return {**values, "method": method_from(values, path), "tuner_path": path, "tuner_sha256": sha}
+
+    labels = method_labels([config("/a/t.safetensors", "ab" * 32), config("/b/t.safetensors", "ab" * 32),
+                            config("/a/u.safetensors", "cd" * 32)])
+    assert labels[0] == labels[1] != labels[2] and "sha256:cdcdcdcdcdcd" in labels[2]
+
+
 def test_a_default_run_name_says_what_ran():
     """The folder of a run started without --run-name carries compare's label for its method."""
     from zoft.config import FinetuneConfig

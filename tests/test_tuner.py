@@ -1,3 +1,4 @@
+import hashlib
 import json
 import warnings
 
@@ -107,6 +108,7 @@ def test_finetune_with_a_tuner_file_and_its_errors(tmp_path, tiny_model_dir, cap
         assert main([*args, "--tuner", str(good.parent), "--eps", "1e-2", "--run-name", "t2"]) == 0
     config = json.loads((tmp_path / "runs" / "t" / "config.json").read_text())
     assert config["method"]["perturbation"]["name"] == "learned" and config["tuner_path"] == str(good.parent)
+    assert config["tuner_sha256"] == hashlib.sha256(good.read_bytes()).hexdigest()  # compare groups runs by it
     foreign = tmp_path / "foreign.safetensors"
     other = collect_blocks(tiny_llama(vocab=80))
     save_tuner(foreign, BlockMLPs(len(other)), other, {"base_model": "bigger-vocab"})

@@ -27,6 +27,8 @@ def method_of(config: dict) -> dict:
     from zoft.config import method_from
 
     method = config.get("method") or method_from(config, config.get("tuner_path"))
+    if config.get("tuner_sha256"):  # the same tuner file, wherever it was read from, is the same method
+        method = {**method, "perturbation": {**method["perturbation"], "path": f"sha256:{config['tuner_sha256'][:12]}"}}
     return {**method, "directions": config.get("directions", 1), "peft": config.get("peft", "none"),
             "objective": config.get("objective", "loss"), "head_init": config.get("head_init", "none"),
             "head_share": config.get("head_share", 1.0)}

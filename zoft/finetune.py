@@ -45,7 +45,7 @@ from zoft.optimizer import ZOOptimizer, build_optimizer, make_parts
 from zoft.rundir import RunFolder, default_run_name
 from zoft.scoring import classification_loss, evaluate_task
 from zoft.tasks import get_task, jsonl_task, sample_splits
-from zoft.tuner import read_tuner, summarise_scales
+from zoft.tuner import read_tuner, summarise_scales, tuner_digest
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "zoft-finetune-checkpoint-1"
@@ -265,6 +265,7 @@ def _setup(cfg, task, splits, folder: RunFolder, group: distributed.Group) -> Se
 def _write_config(s: Session):
     cfg = s.cfg
     config = {**asdict(cfg), "model_id": model_id(cfg.model), "device": s.device, "tuner_path": s.tuner_path,
+              "tuner_sha256": tuner_digest(s.tuner_path) if s.tuner_path else None,
               "method": cfg.method(s.tuner_path), "num_blocks": len(s.opt.blocks),
               "trainable_params": sum(b.numel for b in s.opt.blocks),
               "split_sizes": {"train": len(s.train), "head": len(s.head_items), "dev": len(s.dev), "test": len(s.test)},

@@ -86,6 +86,14 @@ def save_tuner(path, net: BlockMLPs, blocks, meta: dict):
     tmp.replace(path)
 
 
+def tuner_digest(path) -> str:
+    """The artifact's sha256: what identifies a tuner across checkouts and machines, where its path does not."""
+    import hashlib
+
+    path = Path(path)
+    return hashlib.sha256((path / "tuner.safetensors" if path.is_dir() else path).read_bytes()).hexdigest()
+
+
 def read_tuner(path) -> tuple[dict, dict]:
     """(tensors, metadata) of an artifact; a missing, truncated or foreign file is a ZoftError."""
     from safetensors import SafetensorError, safe_open
