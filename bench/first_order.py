@@ -1,7 +1,7 @@
 """First-order reference on protocol v2 (issue 11): what backpropagation reaches on the same
 training sample, batches and evaluation, as a ceiling for "ends ≥ 2 points higher on test".
 
-    python bench/first_order.py [--task tweets] [--lrs 3e-6,1e-5,3e-5] [--steps 100] [--head-share S] [--json OUT]
+    python bench/first_order.py [--task tweets] [--lrs 3e-6,1e-5,3e-5] [--steps 100] [--head-share S] [--peft lora] [--json OUT]
 
 Full fine-tuning with AdamW (β = 0.9, 0.999, no weight decay, constant lr) on the run's own
 sample (1000 train, dev 200 every 25 steps, test 500 at the best dev step), batch 16 drawn by
@@ -10,6 +10,8 @@ zoft's trainer with seed 0. Not memory-lean: this is the reference, not a method
 With ``--head-share S`` it starts where the flagship's ZO starts: the label rows fitted by
 ``--head-init probe`` on the first share S of the sample, then AdamW on the rest alone. Whether
 gradients gain anything there says whether ZO (and a tuner shaping it) has anything left to find.
+With ``--peft lora`` AdamW trains zoft's LoRA adapters (r 8 on q_proj/v_proj) from there instead of
+every weight: whether the adapters can hold what full fine-tuning finds, apart from ZO's noise.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from zoft.adapters import with_adapters  # noqa: E402
 from zoft.data import Batches, candidate_token_ids, collate, encode  # noqa: E402
 from zoft.finetune import FinetuneConfig, checked, head_split  # noqa: E402
 from zoft.head import fit_probe  # noqa: E402
@@ -39,8 +42,9 @@ def fine_tune(cfg: FinetuneConfig, lr: float) -> dict:
     head_items, train = head_split(train, cfg)
     if head_items:
         fit_probe(model, head_items, cand, tokenizer.pad_token_id, cfg.eval_batch_size, "cpu", seed=cfg.seed)[0].apply(model)
+    model = with_adapters(model, cfg)  # after the probe: it fits the base model's features, as a zoft run does
     evaluate = lambda items: evaluate_task(model, task, items, cand, tokenizer, cfg.eval_batch_size)["acc"]  # noqa: E731
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     batches = Batches(train, cfg.batch_size, cfg.seed, tokenizer.pad_token_id)
     curve, best, started = [(0, evaluate(dev))], None, time.perf_counter()
     for step in range(1, cfg.steps + 1):
@@ -63,11 +67,12 @@ def main():
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--head-share", type=float, default=None, help="start from the cross-fitted head start (--head-init probe)")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--peft", default="none", choices=["none", "lora"])
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     head = {} if args.head_share is None else {"head_init": "probe", "head_share": args.head_share}
     cfg = FinetuneConfig(task=args.task, steps=args.steps, eval_every=25, num_dev=200, num_test=500, seed=0,
-                         data_dir=args.data_dir, **head)
+                         data_dir=args.data_dir, peft=args.peft, **head)
     results = []
     print("| lr | dev acc at steps 0, 25, … | best dev (step) | test at best dev |\n|---|---|---|---|", flush=True)
     for lr in (float(x) for x in args.lrs.split(",")):
@@ -78,7 +83,7 @@ def main():
         if args.json:  # after every lr, so an interrupted bench keeps what it measured
             with open(args.json, "w") as f:
                 json.dump({"task": args.task, "steps": args.steps, "optimizer": "AdamW", "head_share": args.head_share,
-                           "runs": results}, f, indent=1)
+                           "peft": args.peft, "runs": results}, f, indent=1)
 
 
 if __name__ == "__main__":
