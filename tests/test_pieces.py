@@ -201,3 +201,30 @@ def test_no_function_in_zoft_is_over_60_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
                 long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long
+
+
+def test_a_zero_block_scale_holds_that_block_and_gives_its_share_to_the_others(tmp_path):
+    """bench/lora_scales.py --a 0 holds LoRA's A matrices so: a zero σ must neither perturb nor
+    move its block, and the normalisation (Σ d̃ σ² fixed) raises every other block's σ."""
+    from zoft.block_scales import save_block_scales
+
+    model = tiny_llama()
+    blocks = collect_blocks(model)
+    held = {b.index for b in blocks if b.index % 2 == 0}
+    save_block_scales(tmp_path / "s.safetensors", blocks, torch.tensor([0.0 if b.index in held else 1.0 for b in blocks]))
+    lr, eps = 1e-2, 1e-2
+    opt = zoft.build_optimizer(model, {"name": "spsa", "eps": eps},
+                               {"name": "block_scales", "scales_file": str(tmp_path / "s.safetensors")},
+                               {"name": "sgd", "lr": lr}, seed=4)
+    before = [b.param.detach().double().clone() for b in opt.blocks]
+    opt.step(lambda: model(IDS, labels=IDS).loss)
+    sigma = opt.last_scales
+    assert all(sigma[i] == 0 for i in held) and all(sigma[b.index] > 1 for b in opt.blocks if b.index not in held)
+    c = (opt.last["loss_plus"] - opt.last["loss_minus"]) / (2 * eps)
+    seed = zoft.rng.derive(4, 0, 0)
+    for b, x in zip(opt.blocks, before):
+        if b.index in held:
+            assert torch.equal(b.param.detach().double(), x), b.name
+        else:
+            torch.testing.assert_close(b.param.detach().double(), x - lr * c * sigma[b.index] * _direction(opt, seed, b).double(),
+                                       rtol=0, atol=1e-6)
