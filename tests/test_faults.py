@@ -161,6 +161,7 @@ def test_a_grid_leaves_a_run_another_process_holds_and_the_last_to_finish_writes
     assert main(["grid", str(grid)]) == 0
     out = capsys.readouterr()
     assert "s0: running in another process, skipped" in out.err and "1 of 2 runs are still running" in out.out
+    assert "[1/2] s0\n" not in out.err  # not announced as started
     assert (tmp_path / "grid" / "s1" / "summary.json").is_file() and not (tmp_path / "grid" / "table.md").exists()
     assert held.partial.is_dir()  # left as its holder has it
     held.discard()

@@ -106,8 +106,11 @@ def _run_point(cfg, run_dir: Path, label: str, log) -> bool:
         return True
     if run_dir.exists():  # a directory without a summary is not ours to reuse
         raise ZoftError(f"{run_dir} exists but is not a complete run; remove it to rerun")
+    folder = RunFolder(run_dir)
     try:
-        if RunFolder(run_dir).resumable:  # a run that was killed, or one in another grid's hands
+        if folder.held:
+            raise RunTaken(run_dir.name)
+        if folder.resumable:  # a run that was killed
             log(f"{label}: resumed from its checkpoint")
             resume(run_dir)
         else:

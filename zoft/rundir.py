@@ -151,6 +151,16 @@ class RunFolder:
         self.release()
 
     @property
+    def held(self) -> bool:
+        """A live process (this one or another) holds the run's folder right now."""
+        if not (self.partial / ".lock").exists():
+            return False
+        fd = _try_lock(self.partial / ".lock")
+        if fd is not None:
+            os.close(fd)
+        return fd is None
+
+    @property
     def resumable(self) -> bool:
         return (self.partial / CHECKPOINT).is_file()
 
