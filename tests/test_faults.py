@@ -227,6 +227,24 @@ def test_sigterm_checkpoints_and_stops_then_resume_finishes(tmp_path, tiny_model
     _same_run(tmp_path / "a" / "r", tmp_path / "b" / "r")
 
 
+def test_sigterm_before_the_first_step_stops_at_once_and_leaves_nothing(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """The evaluations before training take minutes on a real model: a stop asked then must not
+    wait for them (there is no step to checkpoint)."""
+    import zoft.finetune
+
+    reached = []
+
+    def start_then_evaluate(s, p):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # the handler runs here
+        reached.append("evaluations")  # not reached when the stop is immediate
+
+    monkeypatch.setattr(zoft.finetune, "_start", start_then_evaluate)
+    assert main(_finetune(tiny_model_dir, tmp_path / "runs", "--run-name", "r")) == 143
+    _one_error_line(capsys, "stopped by SIGTERM before the first step; nothing to resume")
+    assert not reached and not any((tmp_path / "runs").iterdir())
+
+
 def test_stale_folders_of_dead_runs_are_removed_and_resumable_ones_kept(tmp_path, tiny_model_dir):
     cmd = [sys.executable, "-m", "zoft.cli", *_args(tiny_model_dir, tmp_path, "killed", 60)]
     _kill_at_random_step(cmd, tmp_path / ".killed.partial", 60, seed=3)

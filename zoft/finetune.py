@@ -92,6 +92,7 @@ class Session:
     group: distributed.Group = field(default_factory=distributed.Group)
     loggers: list = field(default_factory=list)
     stop: list = field(default_factory=list)  # the name of a signal asking the run to stop
+    stepping: bool = False  # the loop has begun: a signal now waits for the step's end
     head: HeadStart | None = None  # the label rows the run started from (--head-init probe)
     head_items: list = field(default_factory=list)  # the examples the probe is fitted on
 
@@ -349,6 +350,7 @@ def _start(s: Session, p: Progress):
 
 def _loop(s: Session, p: Progress):
     cfg, opt = s.cfg, s.opt
+    s.stepping = True
     batches = Batches(s.train, cfg.batch_size, cfg.seed, s.tokenizer.pad_token_id, s.device)
     if p.data:
         batches.load_state_dict(p.data)
@@ -448,7 +450,8 @@ def _execute(s: Session, p: Progress | None) -> dict:
     failure after the first checkpoint keeps it, for --resume."""
     started = time.perf_counter()
     try:
-        with _stop_on_signals(s.stop):
+        fresh = p is None
+        with _stop_on_signals(s.stop, at_once=lambda: fresh and not s.stepping):
             config = _write_config(s) if p is None else json.loads((s.work / "config.json").read_text())
             _open_loggers(s, config, None if p is None else p.metrics_bytes)
             if p is None:
@@ -458,7 +461,10 @@ def _execute(s: Session, p: Progress | None) -> dict:
             summary = _finish(s, p, started)
     except RunStopped:
         _close(s)
-        s.folder.release()
+        if s.folder.resumable:
+            s.folder.release()
+        else:  # stopped before its first step: nothing to resume
+            s.folder.discard()
         raise
     except ZoftError:
         _close(s)
@@ -494,14 +500,24 @@ def _keep_or_discard(s: Session):
 
 
 @contextlib.contextmanager
-def _stop_on_signals(stop: list):
-    """SIGTERM and SIGINT ask the loop to checkpoint and stop after the current step."""
+def _stop_on_signals(stop: list, at_once=lambda: False):
+    """SIGTERM and SIGINT ask the loop to checkpoint and stop after the current step; while
+    ``at_once()`` (a fresh run before its first step: minutes of evaluation, no step to save)
+    they stop it there and then."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(num, _frame):
+        name = signal.Signals(num).name
+        stop.append(name)
+        if at_once():
+            raise RunStopped(f"stopped by {name} before the first step; nothing to resume",
+                             exit_code=130 if name == "SIGINT" else 143)
+
     for sig in previous:
-        signal.signal(sig, lambda num, _frame: stop.append(signal.Signals(num).name))
+        signal.signal(sig, handler)
     try:
         yield
     finally:
