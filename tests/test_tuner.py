@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import zoft
+import zoft.estimators  # the test names its classes through the package
 from zoft.blocks import collect_blocks
 from zoft.errors import ZoftError
 from zoft.perturbations import LearnedScale, LearnedScaleConfig

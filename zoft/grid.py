@@ -109,14 +109,15 @@ def _run_point(cfg, run_dir: Path, label: str, log) -> bool:
     folder = RunFolder(run_dir)
     try:
         if folder.held:
-            raise RunTaken(run_dir.name)
+            log(f"{label}: running in another process, skipped")
+            return False
         if folder.resumable:  # a run that was killed
             log(f"{label}: resumed from its checkpoint")
             resume(run_dir)
         else:
             log(label)
             run(cfg)
-    except RunTaken:
+    except RunTaken:  # another process took it between the check and the claim
         log(f"{label}: running in another process, skipped")
         return False
     except ZoftError:

@@ -86,21 +86,24 @@ def save_tuner(path, net: BlockMLPs, blocks, meta: dict):
     tmp.replace(path)
 
 
+def _artifact_file(path) -> Path:
+    """A tuner is named by its file or by the folder that holds ``tuner.safetensors``."""
+    path = Path(path)
+    return path / "tuner.safetensors" if path.is_dir() else path
+
+
 def tuner_digest(path) -> str:
     """The artifact's sha256: what identifies a tuner across checkouts and machines, where its path does not."""
     import hashlib
 
-    path = Path(path)
-    return hashlib.sha256((path / "tuner.safetensors" if path.is_dir() else path).read_bytes()).hexdigest()
+    return hashlib.sha256(_artifact_file(path).read_bytes()).hexdigest()
 
 
 def read_tuner(path) -> tuple[dict, dict]:
     """(tensors, metadata) of an artifact; a missing, truncated or foreign file is a ZoftError."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tuner.safetensors"
+    path = _artifact_file(path)
     if not path.is_file():
         raise ZoftError(f"tuner file not found: {path}")
     try:
