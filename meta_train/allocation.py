@@ -10,6 +10,13 @@ geometric mean over tasks of each task's S_b/T_b relative to its own overall S/T
 around the median. Unlike a one-step look-ahead on the loss (σ_b ∝ ‖∇_b L‖², which sends the
 embedding and norm weights to the top of any clip and diverges), the curvature term keeps
 sharply curved blocks down.
+
+With ``--peft lora`` the blocks are the adapters the fine-tune will perturb. peft starts B at zero,
+where every A block's gradient and Fisher trace are exactly zero on every batch: the loss does not
+depend on A to first order, a ZO step along it is pure noise that grows the gain of every later
+step on B, and isotropic ZO-LoRA diverges late from it (README, "ZO-LoRA after the head start").
+A block whose Fisher trace is zero on every task is therefore held (σ 0), and the clip's median
+is taken over the others.
 """
 
 from __future__ import annotations
@@ -22,18 +29,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from zoft.adapters import with_adapters
 from zoft.block_scales import save_block_scales
 from zoft.blocks import collect_blocks
 from zoft.data import Batches, candidate_token_ids, collate, encode
 from zoft.errors import ZoftError
 from zoft.magnitude_mask import MagnitudeMask, MagnitudeMaskConfig
+from zoft.config import AdapterConfig
 from zoft.models import DEFAULT_MODEL, load_model
 from zoft.scoring import task_logits
 from zoft.tasks import get_task, sample_splits
 
 
 @dataclass
-class AllocateConfig:
+class AllocateConfig(AdapterConfig):
     out: str = field(default="", metadata={"help": "block_scales file to write (safetensors)"})
     model: str = DEFAULT_MODEL
     tasks: str = field(default="rte", metadata={"help": "comma-separated meta-training tasks (never the ones you judge on)"})
@@ -57,6 +66,7 @@ class AllocateConfig:
         if self.alpha <= 0 or self.spread < 1:
             raise ZoftError(f"need alpha > 0 and spread >= 1, got {self.alpha} and {self.spread}")
         MagnitudeMaskConfig(self.fraction, self.keep)  # checks both
+        self.check_adapters()
 
 
 def protocol_stream(tokenizer, task_name: str, data_dir=None, batch_size: int = 16, seed: int = 1234,
@@ -116,21 +126,25 @@ def mask_of(blocks, fraction: float, keep: str) -> list[torch.Tensor] | None:
         return [shaper(b, torch.ones(b.numel), b.param.detach().view(-1).float()) for b in blocks]
 
 
-def allocation(ratios: list[torch.Tensor], alpha: float, spread: float) -> torch.Tensor:
+def allocation(ratios: list[torch.Tensor], alpha: float, spread: float, held: torch.Tensor | None = None) -> torch.Tensor:
     """σ [num_blocks] from each task's per-block S_b/T_b: their geometric mean over tasks (a
     task's overall scale cancels: only the split between blocks matters, the engine normalises
-    the total), raised to α/2, clipped ×spread in σ² around the median. A block whose measured
-    signal is ≤ 0 (noise) sits at the bottom of the clip."""
+    the total), raised to α/2, clipped ×spread in σ² around the median of the blocks not
+    ``held``. A block whose measured signal is ≤ 0 (noise) sits at the bottom of the clip; a
+    held one at 0."""
     logs = torch.stack([r.clamp(min=1e-30).log() for r in ratios])
     var = (alpha * logs.mean(0)).exp()
-    median = var.median()
-    return var.clamp(median / spread, median * spread).sqrt()
+    held = torch.zeros_like(var, dtype=torch.bool) if held is None else held
+    if held.all():
+        raise ZoftError("every block's gradient is zero on the meta-training tasks: nothing to allocate")
+    median = var[~held].median()
+    return torch.where(held, 0.0, var.clamp(median / spread, median * spread)).sqrt()
 
 
 def allocate(cfg: AllocateConfig) -> Path:
     model, tokenizer = load_model(cfg.model)
-    model.eval()
-    ratios, tasks = [], [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+    model = with_adapters(model, cfg).eval()
+    ratios, held, tasks = [], True, [t.strip() for t in cfg.tasks.split(",") if t.strip()]
     if not tasks:
         raise ZoftError(f"--tasks needs at least one task name, got {cfg.tasks!r}")
     for name in tasks:
@@ -138,15 +152,18 @@ def allocate(cfg: AllocateConfig) -> Path:
                                        cfg.num_train, cfg.max_length, cfg.seed)
         masks = mask_of(blocks, cfg.fraction, cfg.keep)
         signal, curvature = block_sums(S, masks), block_sums(T, masks)
-        # a block the mask leaves empty (all weights equal) has no ratio: bottom of the clip
+        # no curvature: the loss does not depend on the block (LoRA's A at B = 0), or the mask
+        # leaves it empty (all weights equal); held if so on every task
         ratios.append(torch.where(curvature > 0, signal / curvature.clamp(min=1e-300), 0.0))
-    sigma = allocation(ratios, cfg.alpha, cfg.spread)
+        held = held & (curvature == 0)
+    sigma = allocation(ratios, cfg.alpha, cfg.spread, held)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")  # never a half-written file under the real name
     save_block_scales(partial, blocks, sigma, note=json.dumps({
         "base_model": cfg.model, "tasks": tasks, "alpha": cfg.alpha, "spread": cfg.spread, "batches": cfg.batches,
         "mask": None if cfg.fraction >= 1 else {"fraction": cfg.fraction, "keep": cfg.keep},
+        "peft": None if cfg.peft == "none" else {k: getattr(cfg, k) for k in vars(AdapterConfig())},
         "rule": "sigma_b^2 ~ (S_b/T_b)^alpha, S gradient signal, T Fisher trace, geometric mean over tasks"}))
     partial.replace(out)
     return out

@@ -62,6 +62,32 @@ def test_allocation_follows_signal_per_curvature_across_tasks_and_clips():
     torch.testing.assert_close(two[0] ** 2 / two[1] ** 2, torch.tensor(2.0 / 4.0))  # geometric mean over tasks
 
 
+def test_a_held_block_gets_zero_and_leaves_the_median_to_the_others():
+    ratios = torch.tensor([1.0, 4.0, 16.0, 0.0, 0.0])
+    sigma = allocation([ratios], alpha=1.0, spread=2.0, held=torch.tensor([False, False, False, True, True]))
+    torch.testing.assert_close(sigma[3:], torch.zeros(2))
+    torch.testing.assert_close(sigma[:3] ** 2, torch.tensor([2.0, 4.0, 8.0]))  # median 4 of the three, clip x2
+
+
+def test_meta_allocate_with_lora_holds_the_A_blocks_and_the_lora_fine_tune_reads_it(tmp_path, tiny_model_dir):
+    """peft starts B at zero, so A's gradient is zero on every batch: the allocation holds A (σ 0)
+    and spreads the perturbation over the B blocks; a --peft lora fine-tune accepts the file."""
+    from safetensors import safe_open
+
+    out = tmp_path / "lora.safetensors"
+    assert main(["meta-allocate", "--model", str(tiny_model_dir), "--tasks", "tweets", "--batches", "2",
+                 "--batch-size", "4", "--num-train", "16", "--peft", "lora", "--out", str(out)]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        sigma, names, note = f.get_tensor("sigma"), json.loads(f.metadata()["blocks"]), json.loads(f.metadata()["note"])
+    kinds = [".lora_A." in n for n in names]
+    assert len(names) == 8 and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert (sigma[torch.tensor(kinds)] == 0).all() and (sigma[~torch.tensor(kinds)] > 0).all()
+    assert note["peft"]["peft"] == "lora" and note["peft"]["lora_r"] == 8
+    run = ["finetune", "--model", str(tiny_model_dir), "--steps", "2", "--num-train", "8", "--num-dev", "4",
+           "--num-test", "4", "--batch-size", "4", "--perturbation", "block_scales", "--scales-file", str(out)]
+    assert main([*run, "--peft", "lora", "--output-dir", str(tmp_path / "runs")]) == 0
+
+
 def test_meta_allocate_writes_a_file_fine_tuning_reads_and_another_model_refuses(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "alloc.safetensors"
     common = ["--model", str(tiny_model_dir), "--tasks", "tweets", "--batches", "2", "--batch-size", "4",

@@ -71,7 +71,28 @@ class EvalConfig(TaskConfig):
 
 
 @dataclass
-class LoopConfig(TaskConfig):
+class AdapterConfig:
+    """peft adapters (zoft/adapters.py): what zoft finetune and zoft meta-allocate share, so an
+    allocation is measured on the blocks the fine-tune will perturb."""
+
+    peft: str = field(default="none", metadata={"help": "none (full-parameter), lora or prefix, through peft"})
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = ""
+    prefix_tokens: int = 5
+
+    def check_adapters(self):
+        if self.peft not in ("none", "lora", "prefix"):
+            raise ZoftError(f"peft must be none, lora or prefix, got {self.peft!r}")
+        if self.peft == "prefix" and self.prefix_tokens < 1:
+            raise ZoftError(f"prefix-tokens must be >= 1, got {self.prefix_tokens}")
+        if self.peft == "lora" and (self.lora_r < 1 or not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1):
+            raise ZoftError("lora needs lora-r >= 1, lora-alpha > 0 and 0 <= lora-dropout < 1")
+
+
+@dataclass
+class LoopConfig(AdapterConfig, TaskConfig):
     num_train: int = 1000
     num_dev: int | None = field(default=None, metadata={"help": "default: the task's (500; 100 for CB)"})
     steps: int = 1000
@@ -96,12 +117,6 @@ class LoopConfig(TaskConfig):
     eval_every: int = 100
     checkpoint_every: int = field(default=25, metadata={
         "help": "steps between resume checkpoints (kilobytes: the trajectory, never the weights)"})
-    peft: str = field(default="none", metadata={"help": "none (full-parameter), lora or prefix, through peft"})
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = ""
-    prefix_tokens: int = 5
     master_weights: bool = field(default=False, metadata={
         "help": "bf16/fp16: updates go into an fp32 copy of the trainable tensors (4 bytes a parameter)"})
     output_dir: str = "runs"
@@ -133,12 +148,7 @@ class LoopConfig(TaskConfig):
             raise ZoftError("--head-share splits the training set between the probe and ZO; it needs --head-init probe")
         if self.objective not in ("loss", "accuracy", "f1"):
             raise ZoftError(f"objective must be loss, accuracy or f1, got {self.objective!r}")
-        if self.peft not in ("none", "lora", "prefix"):
-            raise ZoftError(f"peft must be none, lora or prefix, got {self.peft!r}")
-        if self.peft == "prefix" and self.prefix_tokens < 1:
-            raise ZoftError(f"prefix-tokens must be >= 1, got {self.prefix_tokens}")
-        if self.peft == "lora" and (self.lora_r < 1 or not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1):
-            raise ZoftError("lora needs lora-r >= 1, lora-alpha > 0 and 0 <= lora-dropout < 1")
+        self.check_adapters()
         if self.report_to not in ("none", "wandb"):
             raise ZoftError(f"report-to must be none or wandb, got {self.report_to!r}")
 
