@@ -27,7 +27,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import zoft
+from zoft.adapters import with_adapters
 from zoft.blocks import collect_blocks
+from zoft.config import AdapterConfig
 from zoft.data import Batches, candidate_token_ids, encode
 from zoft.errors import ZoftError
 from zoft.models import DEFAULT_MODEL, load_model, model_id
@@ -45,7 +47,7 @@ TUNER_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
 @dataclass
-class MetaTrainConfig:
+class MetaTrainConfig(AdapterConfig):
     output: str = field(default="", metadata={"help": "tuner folder (tuner.safetensors, README.md, curve)"})
     checkpoint_dir: str = field(default="", metadata={
         "help": "resume checkpoint and log (default: .NAME.meta-train beside the tuner folder)"})
@@ -93,6 +95,7 @@ class MetaTrainConfig:
             raise ZoftError(f"--tasks needs at least one task name, got {self.tasks!r}")
         if not 0 <= self.momentum < 1:
             raise ZoftError(f"momentum must be in [0, 1), got {self.momentum}")
+        self.check_adapters()
 
     def estimator_spec(self) -> dict:
         spec = {"name": self.estimator, "eps": self.eps}
@@ -109,6 +112,7 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
     estimator, _, _ = make_parts(cfg.estimator_spec(), {"name": "isotropic"}, {"name": "sgd"})
     tasks = [get_task(t.strip()) for t in cfg.tasks.split(",") if t.strip()]
     model, tokenizer = load_model(cfg.model)
+    model = with_adapters(model, cfg)  # a tuner for adapters: its blocks are the ones --peft fine-tunes
     pad = tokenizer.pad_token_id
     streams, candidates = {}, {}
     for i, task in enumerate(tasks):
@@ -240,15 +244,18 @@ def _write_card(out: Path, work: Path, cfg: MetaTrainConfig, model):
     from zoft.tuner_heatmap import draw, effective_scales
 
     draw(*effective_scales(out / "tuner.safetensors", model), out / "scales.png", title=out.name)
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
-                     if v not in (None, "") and k not in ("report_to", "wandb_project"))
+    adapters = set(asdict(AdapterConfig()))  # written once, by adapter_flags, and only with peft
+    flags = " ".join([*(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
+                        if v not in (None, "") and k not in ("report_to", "wandb_project", *adapters)),
+                      cfg.adapter_flags()]).strip()
     minutes = records[-1]["seconds"] / 60 if records else 0.0
     periods = [gains[i : i + cfg.restart_every] for i in range(0, len(gains), cfg.restart_every)]
     period_gains = [sum(p) / len(p) for p in periods]
+    use = " ".join(filter(None, ["zoft finetune", cfg.adapter_flags(), f"--tuner {out}"]))
     body = f"""# Perturbation tuner: {out.name}
 
 Base model: {model_id(cfg.model)} ({len(collect_blocks(model))} blocks). Meta-trained for the `{cfg.estimator}`
-estimator on: {cfg.tasks}. Use it with `zoft finetune --tuner {out}` (or `--tuner auto`).
+estimator on: {cfg.tasks}. Use it with `{use}` (or `--tuner auto`).
 
 Made with:
 

@@ -149,3 +149,30 @@ def test_meta_train_kill_9_then_resume_writes_the_same_tuner_bit_for_bit(tmp_pat
     logs = [[{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in
              (tmp_path / f".{n}.meta-train" / "meta_train.jsonl").read_text().splitlines()] for n in "ab"]
     assert logs[0] == logs[1] and len(logs[0]) == 24
+
+
+def test_meta_train_with_lora_makes_a_tuner_for_the_adapters_that_only_a_lora_fine_tune_loads(tmp_path, tiny_model_dir,
+                                                                                              capsys):
+    """--peft lora meta-trains the tuner on the adapter blocks the fine-tune will perturb: a --peft
+    lora fine-tune loads it, a full-parameter one refuses it by name, and the card says how to use it."""
+    from zoft.cli import main
+    from zoft.tuner import read_tuner
+
+    out = tmp_path / "lora-tuner"
+    assert main(["meta-train", "--output", str(out), "--model", str(tiny_model_dir), "--tasks", "tweets", "--steps", "2",
+                 "--restart-every", "2", "--batch-size", "4", "--num-train", "16", "--lr-update", "1e-2",
+                 "--lr-llm", "1e-3", "--peft", "lora", "--lora-r", "4"]) == 0
+    _, meta = read_tuner(out / "tuner.safetensors")
+    names = [n for n, _ in json.loads(meta["blocks"])]
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert json.loads(meta["meta_train"])["peft"] == "lora"
+    card = (out / "README.md").read_text()
+    assert "zoft finetune --peft lora --lora-r 4 --lora-alpha 16.0 --lora-dropout 0.0 --tuner" in card
+    assert "--seed 0 --peft lora --lora-r 4" in card  # the command that made it rebuilds the same adapters
+    run = ["finetune", "--model", str(tiny_model_dir), "--steps", "2", "--num-train", "8", "--num-dev", "4",
+           "--num-test", "4", "--batch-size", "4", "--tuner", str(out), "--output-dir", str(tmp_path / "runs")]
+    assert main([*run, "--peft", "lora", "--lora-r", "4"]) == 0
+    assert main(["tuner-heatmap", str(out), "--model", str(tiny_model_dir), "--out", str(tmp_path / "h.png")]) == 0
+    capsys.readouterr()
+    assert main([*run, "--run-name", "full"]) != 0
+    assert "was made for" in capsys.readouterr().err

@@ -135,3 +135,11 @@ def test_tuner_heatmap_draws_layer_by_module_type(tmp_path, tiny_model_dir, caps
     assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".*.tmp.png"))
     assert main(["tuner-heatmap", str(tmp_path / "nope"), "--model", str(tiny_model_dir), "--out", str(tmp_path / "x.png")]) == 2
     assert "tuner file not found" in capsys.readouterr().err
+
+
+def test_heatmap_columns_are_modules_or_lora_factors():
+    from zoft.tuner_heatmap import _kind
+
+    assert _kind("self_attn.q_proj") == "q_proj"
+    assert _kind("self_attn.q_proj.lora_A.default") == "q_proj.lora_A"
+    assert _kind("self_attn.v_proj.lora_B.default") == "v_proj.lora_B"

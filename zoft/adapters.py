@@ -3,6 +3,9 @@ its replay."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, fields
+from types import SimpleNamespace
+
 import torch
 
 from zoft.errors import ZoftError
@@ -14,6 +17,16 @@ def with_adapters(model, cfg):
     if cfg.peft == "none":
         return model
     return _adapted(model, cfg).eval()  # peft may leave the model in train mode: dropout would differ per probe
+
+
+def with_recorded_adapters(model, recorded: dict):
+    """The adapters that a tuner's meta-training config records (its peft flags and seed), rebuilt:
+    a tuner made for LoRA blocks is read on the same blocks."""
+    from zoft.config import AdapterConfig
+
+    keys = [f.name for f in fields(AdapterConfig)] + ["seed"]
+    cfg = SimpleNamespace(**{**asdict(AdapterConfig()), "seed": 0, **{k: recorded[k] for k in keys if k in recorded}})
+    return with_adapters(model, cfg)
 
 
 def _adapted(model, cfg):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -134,11 +135,14 @@ def _eval(args):
 
 
 def _heatmap(args):
+    from zoft.adapters import with_recorded_adapters
     from zoft.models import DEFAULT_MODEL, load_model
+    from zoft.tuner import read_tuner
     from zoft.tuner_heatmap import draw, effective_scales
 
     _quiet_transformers()
-    model, _ = load_model(args.model or DEFAULT_MODEL)
+    trained = json.loads(read_tuner(args.tuner)[1].get("meta_train", "{}"))  # a LoRA tuner's blocks are adapters
+    model = with_recorded_adapters(load_model(args.model or DEFAULT_MODEL)[0], trained)
     blocks, scales = effective_scales(args.tuner, model)
     draw(blocks, scales, Path(args.out), title=Path(args.tuner).name)
     print(f"heatmap: {args.out}")

@@ -82,6 +82,12 @@ class AdapterConfig:
     lora_targets: str = ""
     prefix_tokens: int = 5
 
+    def adapter_flags(self) -> str:
+        """The command-line flags that rebuild these adapters ('' without peft)."""
+        keys = {"none": [], "lora": ["peft", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"],
+                "prefix": ["peft", "prefix_tokens"]}[self.peft]
+        return " ".join(f"--{k.replace('_', '-')} {getattr(self, k)}" for k in keys if getattr(self, k) != "")
+
     def check_adapters(self):
         if self.peft not in ("none", "lora", "prefix"):
             raise ZoftError(f"peft must be none, lora or prefix, got {self.peft!r}")

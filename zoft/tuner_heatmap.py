@@ -17,6 +17,13 @@ from pathlib import Path
 from zoft.errors import ZoftError
 
 _LAYER = re.compile(r"\.layers?\.(\d+)\.(.+)\.weight$")
+_LORA = re.compile(r"(\w+)\.(lora_[AB])\.\w+$")  # peft's q_proj.lora_A.<adapter name>
+
+
+def _kind(path: str) -> str:
+    """A block's column: its module (q_proj), or the module and LoRA factor (q_proj.lora_A)."""
+    lora = _LORA.search(path)
+    return f"{lora.group(1)}.{lora.group(2)}" if lora else path.split(".")[-1]
 
 
 def effective_scales(tuner_path, model, steps: int = 5) -> tuple[list, list[float]]:
@@ -39,7 +46,7 @@ def draw(blocks, scales: list[float], out: Path, title: str = ""):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    inside = [(int(m.group(1)), m.group(2).split(".")[-1], s) for b, s in zip(blocks, scales)
+    inside = [(int(m.group(1)), _kind(m.group(2)), s) for b, s in zip(blocks, scales)
               if (m := _LAYER.search(b.name))]
     outside = [(b.name.rsplit(".", 1)[0].split(".")[-1], s) for b, s in zip(blocks, scales) if not _LAYER.search(b.name)]
     if not inside:
@@ -50,11 +57,15 @@ def draw(blocks, scales: list[float], out: Path, title: str = ""):
     for i, kind, s in inside:
         grid[i, kinds.index(kind)] = math.log10(s)
     limit = max(0.3, float(np.nanmax(np.abs(grid))), *(abs(math.log10(s)) for _, s in outside))
-    fig, (top, main) = plt.subplots(2, 1, figsize=(1 + 0.7 * len(kinds), 2 + 0.18 * layers),
-                                    gridspec_kw={"height_ratios": [1, max(3, layers // 3)]})
-    top.imshow([[math.log10(s) for _, s in outside]], cmap="coolwarm", vmin=-limit, vmax=limit, aspect="auto")
-    top.set_xticks(range(len(outside)), [n for n, _ in outside], rotation=30, fontsize=7)
-    top.set_yticks([])
+    if outside:
+        fig, (top, main) = plt.subplots(2, 1, figsize=(1 + 0.7 * len(kinds), 2 + 0.18 * layers),
+                                        gridspec_kw={"height_ratios": [1, max(3, layers // 3)]})
+        top.imshow([[math.log10(s) for _, s in outside]], cmap="coolwarm", vmin=-limit, vmax=limit, aspect="auto")
+        top.set_xticks(range(len(outside)), [n for n, _ in outside], rotation=30, fontsize=7)
+        top.set_yticks([])
+    else:  # adapters only (LoRA): every block is in a layer
+        fig, main = plt.subplots(figsize=(1 + 0.7 * len(kinds), 1.5 + 0.18 * layers))
+        top = main
     top.set_title(title or "effective scale cσ (log10; 0 = isotropic)", fontsize=9)
     image = main.imshow(grid, cmap="coolwarm", vmin=-limit, vmax=limit, aspect="auto")
     main.set_xticks(range(len(kinds)), kinds, rotation=30, fontsize=7)
