@@ -42,7 +42,7 @@ def fine_tune(cfg: FinetuneConfig, lr: float) -> dict:
     head_items, train = head_split(train, cfg)
     if head_items:
         fit_probe(model, head_items, cand, tokenizer.pad_token_id, cfg.eval_batch_size, "cpu", seed=cfg.seed)[0].apply(model)
-    model = with_adapters(model, cfg)  # after the probe: it fits the base model's features, as a zoft run does
+    model = with_adapters(model, cfg, cfg.seed)  # after the probe: it fits the base model's features, as a zoft run does
     evaluate = lambda items: evaluate_task(model, task, items, cand, tokenizer, cfg.eval_batch_size)["acc"]  # noqa: E731
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     batches = Batches(train, cfg.batch_size, cfg.seed, tokenizer.pad_token_id)

@@ -35,7 +35,7 @@ def main():
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     model, _ = load_model(args.model)
-    blocks = collect_blocks(with_adapters(model, FinetuneConfig(peft="lora")))
+    blocks = collect_blocks(with_adapters(model, FinetuneConfig(peft="lora"), seed=0))
     kinds = ["lora_A" if ".lora_A." in b.name else "lora_B" if ".lora_B." in b.name else None for b in blocks]
     if None in kinds:
         raise SystemExit(f"not a LoRA block: {blocks[kinds.index(None)].name}")

@@ -143,7 +143,7 @@ def allocation(ratios: list[torch.Tensor], alpha: float, spread: float, held: to
 
 def allocate(cfg: AllocateConfig) -> Path:
     model, tokenizer = load_model(cfg.model)
-    model = with_adapters(model, cfg).eval()
+    model = with_adapters(model, cfg, cfg.seed)
     ratios, held, tasks = [], True, [t.strip() for t in cfg.tasks.split(",") if t.strip()]
     if not tasks:
         raise ZoftError(f"--tasks needs at least one task name, got {cfg.tasks!r}")

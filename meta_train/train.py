@@ -112,7 +112,7 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
     estimator, _, _ = make_parts(cfg.estimator_spec(), {"name": "isotropic"}, {"name": "sgd"})
     tasks = [get_task(t.strip()) for t in cfg.tasks.split(",") if t.strip()]
     model, tokenizer = load_model(cfg.model)
-    model = with_adapters(model, cfg)  # a tuner for adapters: its blocks are the ones --peft fine-tunes
+    model = with_adapters(model, cfg, cfg.seed)  # a tuner for adapters: its blocks are the ones --peft fine-tunes
     pad = tokenizer.pad_token_id
     streams, candidates = {}, {}
     for i, task in enumerate(tasks):

@@ -3,20 +3,20 @@ its replay."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
-from types import SimpleNamespace
+from dataclasses import fields
 
 import torch
 
 from zoft.errors import ZoftError
 
 
-def with_adapters(model, cfg):
-    """LoRA or prefix tuning through peft; LoRA's target modules default to peft's choice for
-    the architecture. Seeded, so a resume or a replay rebuilds the same starting adapters."""
+def with_adapters(model, cfg, seed: int):
+    """LoRA or prefix tuning through peft (``cfg``: an AdapterConfig); LoRA's target modules default
+    to peft's choice for the architecture. Seeded, so a resume or a replay rebuilds the same
+    starting adapters."""
     if cfg.peft == "none":
         return model
-    return _adapted(model, cfg).eval()  # peft may leave the model in train mode: dropout would differ per probe
+    return _adapted(model, cfg, seed).eval()  # peft may leave the model in train mode: dropout would differ per probe
 
 
 def with_recorded_adapters(model, recorded: dict):
@@ -24,19 +24,18 @@ def with_recorded_adapters(model, recorded: dict):
     a tuner made for LoRA blocks is read on the same blocks."""
     from zoft.config import AdapterConfig
 
-    keys = [f.name for f in fields(AdapterConfig)] + ["seed"]
-    cfg = SimpleNamespace(**{**asdict(AdapterConfig()), "seed": 0, **{k: recorded[k] for k in keys if k in recorded}})
-    return with_adapters(model, cfg)
+    cfg = AdapterConfig(**{f.name: recorded[f.name] for f in fields(AdapterConfig) if f.name in recorded})
+    return with_adapters(model, cfg, recorded.get("seed", 0))
 
 
-def _adapted(model, cfg):
+def _adapted(model, cfg, seed: int):
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
-    torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn from the global generator
+    torch.manual_seed(seed)  # LoRA's A matrices are drawn from the global generator
     if cfg.peft == "prefix":
         model = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=cfg.prefix_tokens, task_type="CAUSAL_LM"))
         try:
-            init_prefix_from_activations(model, cfg.seed)
+            init_prefix_from_activations(model, seed)
         except Exception as e:  # peft's prefix path does not support every attention layout
             kind = type(model.get_base_model().config).model_type
             raise ZoftError(f"prefix tuning does not work on {kind} here ({type(e).__name__}: {str(e)[:120]});"

@@ -247,7 +247,7 @@ def head_split(train: list, cfg: FinetuneConfig) -> tuple[list, list]:
 def _setup(cfg, task, splits, folder: RunFolder, group: distributed.Group) -> Session:
     device = _resolve_device(cfg.device)
     model, tokenizer = load_model(cfg.model, dtype=torch_dtype(cfg.dtype, device), device=device)
-    model = with_adapters(model, cfg)
+    model = with_adapters(model, cfg, cfg.seed)
     cand = candidate_token_ids(task, tokenizer, device)
     encoded = [encode(task, part, tokenizer, cfg.max_length) for part in (splits.train, splits.dev, splits.test)]
     head_items, encoded[0] = head_split(encoded[0], cfg)
@@ -622,7 +622,7 @@ def replay_run(run_dir, out) -> Path:
     cfg = saved_config(config)
     device = config.get("device", "cpu")
     model, tokenizer = load_model(cfg.model, dtype=torch_dtype(cfg.dtype, device), device=device)
-    model = with_adapters(model, cfg)
+    model = with_adapters(model, cfg, cfg.seed)
     opt = recorded_optimizer(model, meta, cfg, run_dir / "trajectory.safetensors")
     opt.replay(steps[:selected])
     tmp = out.with_name(f".{out.name}.partial")
