@@ -3,13 +3,18 @@
 At θ, with the step's seed and the tuner's normalised scales s = cσ (differentiable, c too):
     L± = L(θ ± ε r_b s_b z_b)                          (no gradient, the engine's hooks)
     θ′_b = θ_b − η_u · k_b · s_b · z_b                 (k_b: the estimator's coefficient)
-    meta-loss = L(θ′)                                   (autograd through σ only)
+    meta-loss = L(θ′) on the meta batch                 (autograd through σ only)
 With G_b = −η_u k_b ⟨∇_b L(θ′), z_b⟩, ∂meta-loss/∂σ_b = c G_b − (c d̃_b σ_b / Σ d̃σ²) Σ_j σ_j G_j:
 a hypergradient on each block's step size along a random direction, less its share of the
 budget Σ d̃_b s_b² = Σ d̃_b that the normalisation holds fixed. (The reference code detaches c;
 then E[∂/∂σ_b] < 0 for every block, every σ grows and the budget is reallocated only by
-accident of the growth rates.) θ′ is built with ``torch.func.functional_call``: the model
-itself is never copied or written.
+accident of the growth rates.)
+
+On the step's own batch, G_b rewards a block for the batch's noise as much as for its signal
+(to first order E[k_b⟨∇_b L, z_b⟩] ∝ ‖∇_b L_batch‖²); on another batch of the task only the
+gradient the two batches share counts (∝ ⟨∇_b L_batch, ∇_b L_other⟩), so a block whose batch
+gradient is mostly noise stops looking useful. θ′ is built with ``torch.func.functional_call``:
+the model itself is never copied or written.
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ def direction(opt, seed: int, block) -> torch.Tensor:
     return torch.cat([z for _, _, z in opt.perturber.direction_chunks(seed, block)]).view_as(block.param)
 
 
-def lookahead_loss(opt, loss_fn, batch, seed: int, state, prev_losses, lr_update: float, step: int = 0):
+def lookahead_loss(opt, loss_fn, batch, seed: int, state, prev_losses, lr_update: float, step: int = 0,
+                   meta_batch=None):
     """(meta-loss with a graph to the tuner, L⁺, L⁻, raw σ, effective scales s = cσ) at the model's
-    weights.
+    weights. The step is estimated on ``batch``; the meta-loss L(θ′) is taken on ``meta_batch``
+    (default: the same batch).
 
     ``opt`` is a ZOOptimizer whose perturbation is a LearnedScale: its estimator, noise and
     hooks are the ones fine-tuning will use, so the tuner fits the estimator it serves."""
@@ -50,5 +57,6 @@ def lookahead_loss(opt, loss_fn, batch, seed: int, state, prev_losses, lr_update
     coef = torch.tensor(coef, dtype=scale.dtype, device=scale.device)
     step = -lr_update * coef * scale  # [n], the look-ahead's per-block step along z_b
     moved = {f"model.{b.name}": b.param.detach() + step[b.index] * direction(opt, seed, b) for b in blocks}
-    meta_loss = functional_call(_LossOf(opt.model, loss_fn), moved, (batch,), strict=False)
+    meta_loss = functional_call(_LossOf(opt.model, loss_fn), moved, (batch if meta_batch is None else meta_batch,),
+                                strict=False)
     return meta_loss, losses[0], losses[1], sigma.detach(), scale.detach()

@@ -1,10 +1,12 @@
 """``zoft meta-train``: learn a base model's perturbation tuner (ZO Fine-tuner, arXiv 2510.00419).
 
-One first-order trajectory of the LLM (SGD, momentum 0.8, LR decaying linearly to 0 over each
-restart period, gradients clipped at 1.0), reset to the initial weights every ``restart_every``
-steps; at every step, before the first-order step, the tuner takes one SGD step on the
-one-step look-ahead meta-gradient of ``outer.lookahead_loss`` at the same batch. Tasks take
-turns (round-robin), each keeping its own σ_prev and loss history.
+One trajectory of the LLM, reset to the initial weights every ``restart_every`` steps, with the
+LR decaying linearly to 0 over each restart period: first-order by default (the paper's: SGD,
+momentum 0.8, gradients clipped at 1.0), or ``--trajectory zo``, the tuner's own ZO steps, so
+that it learns at the states a fine-tune with it meets. At every step, before the LLM's step,
+the tuner takes one step on the one-step look-ahead meta-gradient of ``outer.lookahead_loss``,
+on the step's batch or (``--meta-batch other``) on the task's next one. Tasks take turns
+(round-robin), each keeping its own σ_prev and loss history.
 
 Checkpoints are taken at restart boundaries, where the LLM is back at its initial weights: the
 tuner, its optimizer's state, the per-task state and the data positions are then the whole
@@ -65,6 +67,12 @@ class MetaTrainConfig(AdapterConfig):
     lr_tuner: float = 1e-2
     tuner_optimizer: str = field(default="adam", metadata={
         "help": "adam or sgd (the reference's); the meta-gradient's size swings 50x between steps"})
+    trajectory: str = field(default="first-order", metadata={
+        "help": "how the LLM moves between meta-steps: first-order (the paper's: SGD with momentum) or zo"
+                " (the tuner's own ZO steps, the states fine-tuning will meet)"})
+    meta_batch: str = field(default="same", metadata={
+        "help": "the batch the look-ahead loss is taken on: same (the paper's: the step's own) or other"
+                " (the task's next batch: only gradient that generalises across batches is rewarded)"})
     lr_llm: float = 1e-5
     momentum: float = 0.8
     clip: float = 1.0
@@ -89,6 +97,10 @@ class MetaTrainConfig(AdapterConfig):
             raise ZoftError(f"report-to must be none or wandb, got {self.report_to!r}")
         if self.tuner_optimizer not in TUNER_OPTIMIZERS:
             raise ZoftError(f"tuner-optimizer must be {' or '.join(TUNER_OPTIMIZERS)}, got {self.tuner_optimizer!r}")
+        if self.trajectory not in ("first-order", "zo"):
+            raise ZoftError(f"trajectory must be first-order or zo, got {self.trajectory!r}")
+        if self.meta_batch not in ("same", "other"):
+            raise ZoftError(f"meta-batch must be same or other, got {self.meta_batch!r}")
         if self.start not in ("isotropic", "random"):
             raise ZoftError(f"start must be isotropic or random, got {self.start!r}")
         if not [t for t in self.tasks.split(",") if t.strip()]:
@@ -124,7 +136,7 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
     learned = LearnedScale(LearnedScaleConfig(dim_rule=cfg.dim_rule, batch_size=cfg.batch_size),
                            net=BlockMLPs(len(collect_blocks(model)), seed=cfg.seed, start=cfg.start))
     # the fine-tuning machinery (blocks, noise, hooks, estimator) that the tuner is fitted to
-    blocks_opt = ZOOptimizer(model, estimator, learned, zoft.updates.SGD(zoft.updates.SGDConfig()))
+    blocks_opt = ZOOptimizer(model, estimator, learned, zoft.updates.SGD(zoft.updates.SGDConfig()), seed=cfg.seed)
     blocks = blocks_opt.blocks
     initial = [b.param.detach().cpu().clone() for b in blocks]  # θ₀, restored at each restart
     sigma_prev = {t.name: torch.ones(len(blocks)) for t in tasks}
@@ -144,11 +156,9 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
                                 tags=["meta-train", cfg.estimator, *cfg.tasks.split(",")])
 
     def fresh_llm_optimizer():
-        llm_opt = torch.optim.SGD([b.param for b in blocks], lr=cfg.lr_llm, momentum=cfg.momentum)
-        decay = torch.optim.lr_scheduler.LambdaLR(llm_opt, lambda k: max(0.0, 1 - k / cfg.restart_every))
-        return llm_opt, decay
+        return torch.optim.SGD([b.param for b in blocks], lr=cfg.lr_llm, momentum=cfg.momentum)
 
-    llm_opt, decay = fresh_llm_optimizer()
+    llm_opt = fresh_llm_optimizer()
     started = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="meta-train", file=sys.stderr)
     for step in bar:
@@ -156,12 +166,13 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
             with torch.no_grad():
                 for b, p0 in zip(blocks, initial):
                     b.param.copy_(p0)
-            llm_opt, decay = fresh_llm_optimizer()
+            llm_opt = fresh_llm_optimizer()
             if step > start:
                 _checkpoint(out, work, cfg, learned.net, tuner_opt, blocks, streams, sigma_prev, prev_losses, step,
                             curve, log_file.tell())
         task = tasks[step % len(tasks)]
         batch = next(streams[task.name])
+        meta_batch = next(streams[task.name]) if cfg.meta_batch == "other" else batch
 
         def loss_fn(m, b, cand=candidates[task.name], train_loss=task.train_loss):
             return classification_loss(m, b, cand, train_loss=train_loss)
@@ -169,31 +180,46 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
         model.eval()
         state = LearnedState(sigma_prev[task.name], _block_stats(blocks))
         meta, lp, lm, sigma, scale = lookahead_loss(blocks_opt, loss_fn, batch, derive(cfg.seed, step), state,
-                                             prev_losses[task.name], cfg.lr_update, step)
+                                                    prev_losses[task.name], cfg.lr_update, step, meta_batch)
         tuner_opt.zero_grad(set_to_none=True)
         meta.backward()
         tuner_grad = torch.cat([p.grad.flatten() for p in learned.net.parameters()]).norm().item()
         tuner_opt.step()
+        # L(θ) on the meta batch, the look-ahead's reference: the first-order step's loss gives it free
+        free = cfg.trajectory == "first-order" and meta_batch is batch
+        if not free:
+            with torch.no_grad():
+                base_loss = loss_fn(model, meta_batch).item()
+        lr_llm = cfg.lr_llm * max(0.0, 1 - (step % cfg.restart_every) / cfg.restart_every)  # linear decay per period
+        if cfg.trajectory == "zo":
+            # the fine-tune's own step with the updated tuner, seeded by the global step so a resumed
+            # run draws the same directions
+            blocks_opt.step_count, blocks_opt.prev_losses = step, prev_losses[task.name]
+            blocks_opt.states["perturbation"] = state
+            loss = torch.tensor(blocks_opt.step(lambda: loss_fn(model, batch), lr=lr_llm))
+        else:
+            model.train()
+            llm_opt.param_groups[0]["lr"] = lr_llm
+            llm_opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([b.param for b in blocks], cfg.clip)
+            llm_opt.step()
+            model.eval()
+            for b in blocks:
+                b.param.grad = None
+        if free:
+            base_loss = loss.item()
         sigma_prev[task.name] = sigma
         prev_losses[task.name] = (lp, lm)
-
-        model.train()
-        llm_opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([b.param for b in blocks], cfg.clip)
-        llm_opt.step()
-        decay.step()
-        model.eval()
-        for b in blocks:
-            b.param.grad = None
         record = {"step": step + 1, "task": task.name, "meta_loss": meta.item(), "loss_plus": lp,
-                  "loss_minus": lm, "fo_loss": loss.item(), "tuner_grad": tuner_grad, "sigma_min": scale.min().item(),
-                  "sigma_max": scale.max().item(), "seconds": time.perf_counter() - started}
+                  "loss_minus": lm, "loss": base_loss, "trajectory_loss": loss.item(), "tuner_grad": tuner_grad,
+                  "sigma_min": scale.min().item(), "sigma_max": scale.max().item(),
+                  "seconds": time.perf_counter() - started}
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
         curve.append([step + 1, record["meta_loss"]])
-        bar.set_postfix(meta=f"{record['meta_loss']:.3f}", fo=f"{record['fo_loss']:.3f}")
+        bar.set_postfix(meta=f"{record['meta_loss']:.3f}", loss=f"{record['loss']:.3f}")
         if log:
             log(record)
         if wandb_run:
@@ -220,13 +246,13 @@ def _write_card(out: Path, work: Path, cfg: MetaTrainConfig, model):
     records = [json.loads(x) for x in (work / "meta_train.jsonl").read_text().splitlines() if x.strip()]
     window = max(1, len(records) // 20)
 
-    gains = [r["meta_loss"] - r["fo_loss"] for r in records]
+    gains = [r["meta_loss"] - r["loss"] for r in records]
 
     def smooth(values):
         return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
                 for i in range(len(values))]
 
-    # L(θ′) − L(θ) on the same batch: what the tuner's scales bought the look-ahead step (the
+    # L(θ′) − L(θ) on the meta batch: what the tuner's scales bought the look-ahead step (the
     # losses themselves follow the LLM's trajectory and the task mix)
     gain = smooth(gains)
     steps = [r["step"] for r in records]
@@ -272,7 +298,7 @@ isotropic perturbation):
 ![effective scales](scales.png)
 
 Look-ahead gain L(θ′) − L(θ) (the loss change of one ZO step of lr {cfg.lr_update:g} with the
-tuner's scales, on the step's batch), mean of the first and last {window} steps:
+tuner's scales, on the {"step's" if cfg.meta_batch == "same" else "task's next"} batch), mean of the first and last {window} steps:
 {gain[window - 1] if records else float('nan'):+.4f} → {gain[-1] if records else float('nan'):+.4f}.
 Mean L(θ′) − L(θ) per restart period (the LLM replays from θ₀ each period; the first starts
 from isotropic scales): {", ".join(f"{g:+.4f}" for g in period_gains)}.

@@ -62,6 +62,50 @@ def test_meta_gradient_matches_its_closed_form_and_reaches_only_the_tuner(estima
     torch.testing.assert_close(raw, sigma)
 
 
+def test_the_look_ahead_loss_is_taken_on_the_meta_batch_at_the_step_estimated_on_the_batch():
+    from meta_train.outer import direction, lookahead_loss
+
+    other = torch.randint(1, 64, (3, 7), generator=torch.Generator().manual_seed(5))
+    opt, net = tuner_optimizer()
+    lr_update, seed = 0.5, 123
+    meta, lp, lm, _, scale = lookahead_loss(opt, lm_loss, IDS, seed, opt.states["perturbation"], None, lr_update,
+                                            meta_batch=other)
+    same = lookahead_loss(opt, lm_loss, IDS, seed, opt.states["perturbation"], None, lr_update)
+    assert (lp, lm) == same[1:3]  # the step is estimated on the step's batch either way
+    probe = opt.estimator.probe(seed, 0, len(opt.blocks))
+    k = opt.estimator.estimate(None, [lp, lm], probe, 0)[0]
+    moved = {b.name: b.param.detach() - lr_update * k[b.index] * scale[b.index] * direction(opt, seed, b)
+             for b in opt.blocks}
+    with torch.no_grad():
+        expected = functional_call(opt.model, moved, (other,), {"labels": other}, strict=False).loss
+        at_start = lm_loss(opt.model, other)
+    torch.testing.assert_close(meta.detach(), expected)
+    assert not torch.isclose(meta.detach(), same[0].detach()) and not torch.isclose(expected, at_start)
+
+
+def test_a_zo_trajectory_moves_the_llm_by_the_engines_own_steps(tmp_path, tiny_model_dir, monkeypatch):
+    """--trajectory zo: the LLM takes one ZOOptimizer step per meta-step (the paper's first-order
+    trajectory takes none), and --meta-batch other reads a second batch per step."""
+    from meta_train.train import MetaTrainConfig, meta_train
+
+    calls = []
+    real = zoft.ZOOptimizer.step
+    monkeypatch.setattr(zoft.ZOOptimizer, "step", lambda self, closure, lr=None: calls.append(lr) or real(self, closure, lr))
+    base = dict(model=str(tiny_model_dir), tasks="tweets", restart_every=2, batch_size=4, num_train=16, lr_update=1e-2,
+                lr_llm=1e-2, steps=4)
+    records = []
+    meta_train(MetaTrainConfig(output=str(tmp_path / "fo"), **base), log=records.append)
+    assert calls == []
+    meta_train(MetaTrainConfig(output=str(tmp_path / "zo"), trajectory="zo", meta_batch="other", **base),
+               log=records.append)
+    assert calls == pytest.approx([1e-2, 5e-3, 1e-2, 5e-3])  # the restart period's linear decay
+    fo, zo = records[:4], records[4:]
+    assert all(r["loss"] == r["trajectory_loss"] for r in fo)  # the same batch, at θ
+    assert all(r["loss"] != r["trajectory_loss"] for r in zo)  # another batch, and L(θ + εs z)
+    card = (tmp_path / "zo" / "README.md").read_text()
+    assert "--trajectory zo --meta-batch other" in card and "task's next batch" in card
+
+
 def test_meta_training_changes_the_tuner_writes_a_loadable_artifact_and_resumes(tmp_path, tiny_model_dir):
     from meta_train.train import MetaTrainConfig, meta_train
     from zoft.models import load_model
@@ -98,7 +142,9 @@ def test_meta_training_changes_the_tuner_writes_a_loadable_artifact_and_resumes(
 
 @pytest.mark.parametrize("flag, value, message", [("start", "zeros", "start must be isotropic or random"),
                                                   ("tuner_optimizer", "lbfgs", "tuner-optimizer must be adam or sgd"),
-                                                  ("lr_tuner", 0.0, "lr-tuner must be > 0")])
+                                                  ("lr_tuner", 0.0, "lr-tuner must be > 0"),
+                                                  ("trajectory", "adam", "trajectory must be first-order or zo"),
+                                                  ("meta_batch", "dev", "meta-batch must be same or other")])
 def test_meta_train_config_errors(flag, value, message):
     from meta_train.train import MetaTrainConfig
 
@@ -127,7 +173,8 @@ def test_zoft_never_imports_meta_train():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_meta_train_kill_9_then_resume_writes_the_same_tuner_bit_for_bit(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("how", [{}, {"trajectory": "zo", "meta_batch": "other", "lr_llm": 1e-2}])
+def test_meta_train_kill_9_then_resume_writes_the_same_tuner_bit_for_bit(tmp_path, tiny_model_dir, how):
     import sys
 
     from meta_train.train import MetaTrainConfig, meta_train
@@ -135,7 +182,7 @@ def test_meta_train_kill_9_then_resume_writes_the_same_tuner_bit_for_bit(tmp_pat
     from zoft.tuner import read_tuner
 
     args = dict(model=str(tiny_model_dir), tasks="tweets", restart_every=3, batch_size=4, num_train=16,
-                lr_update=1e-2, lr_tuner=1e-2, steps=24)
+                lr_update=1e-2, lr_tuner=1e-2, steps=24, **how)
     straight = meta_train(MetaTrainConfig(output=str(tmp_path / "a"), **args))
     cmd = [sys.executable, "-m", "zoft.cli", "meta-train", "--output", str(tmp_path / "b"),
            *[x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]]

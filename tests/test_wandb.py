@@ -89,7 +89,7 @@ def test_tuner_scales_and_meta_trained_artifact_reach_wandb(tmp_path, tiny_model
     (artifact,) = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
     assert artifact.type == "zoft-tuner" and "tuner.safetensors" in {e.path for e in artifact.manifest.contents}
     logged = {_key(i) for r in records if r.WhichOneof("record_type") == "history" for i in r.history.item}
-    assert {"meta_loss", "fo_loss", "sigma/layer_00", "sigma/layer_01", "sigma/embed"} <= logged
+    assert {"meta_loss", "loss", "trajectory_loss", "sigma/layer_00", "sigma/layer_01", "sigma/embed"} <= logged
 
     code = main(["finetune", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "runs"), "--run-name", "t",
                  "--num-train", "16", "--num-dev", "8", "--num-test", "8", "--batch-size", "4", "--steps", "2",
