@@ -1,4 +1,6 @@
-"""The outer step: a one-step look-ahead meta-gradient for the learned perturbation scales.
+"""The outer step: the meta-gradient for the learned perturbation scales, from a one-step
+look-ahead (``lookahead_loss``) or a K-step unroll of the tuner's own ZO trajectory
+(``unrolled_loss``).
 
 At θ, with the step's seed and the tuner's normalised scales s = cσ (differentiable, c too):
     L± = L(θ ± ε r_b s_b z_b)                          (no gradient, the engine's hooks)
@@ -19,9 +21,14 @@ the model itself is never copied or written.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.func import functional_call
+
+from zoft.perturbations import LearnedState
+from zoft.rng import derive
 
 
 class _LossOf(nn.Module):
@@ -60,3 +67,47 @@ def lookahead_loss(opt, loss_fn, batch, seed: int, state, prev_losses, lr_update
     meta_loss = functional_call(_LossOf(opt.model, loss_fn), moved, (batch if meta_batch is None else meta_batch,),
                                 strict=False)
     return meta_loss, losses[0], losses[1], sigma.detach(), scale.detach()
+
+
+@dataclass
+class UnrollStep:
+    """What the K-step meta-gradient needs of one ZO step of the tuner's own trajectory."""
+
+    seed: int  # the step's direction z_t
+    lr: float
+    coef: list[float]  # the estimator's per-block coefficients k_{t,b}
+    state: LearnedState  # the tuner's inputs at the step
+    prev_losses: tuple[float, float] | None
+
+
+def recorded_step(opt, closure, step: int, lr: float) -> UnrollStep:
+    """One ZOOptimizer step at global step ``step`` (its direction seeded by it, so a resumed run
+    draws the same), and what the unroll needs of it."""
+    state, prev = opt.states["perturbation"], opt.prev_losses
+    opt.step_count = step
+    opt.step(closure, lr=lr)
+    seed, est = derive(opt.seed, step, 0), opt.estimator  # the direction ZOOptimizer.step drew
+    losses = [opt.last["loss_plus"], opt.last["loss_minus"]]
+    return UnrollStep(seed, lr, est.estimate(None, losses, est.probe(seed, step, len(opt.blocks)), step)[0], state, prev)
+
+
+def unrolled_loss(opt, loss_fn, meta_batch, steps: list[UnrollStep]) -> tuple[torch.Tensor, float]:
+    """(surrogate, L(θ_K)): the surrogate's gradient in the tuner's weights is the K-step
+    meta-gradient of L(θ_K) on the meta batch, at the model's weights θ_K after ``steps``.
+
+    θ_K = θ_0 + Σ_t Δ_t with Δ_{t,b} = −η_t k_{t,b} s_{t,b} z_{t,b}. Holding the coefficients k and
+    the later steps' response to Δ_t fixed, ∂L(θ_K)/∂s_{t,b} = −η_t k_{t,b} ⟨∇_b L(θ_K), z_{t,b}⟩:
+    one backward at θ_K, and the directions regenerated from their seeds. ∇L(θ_K) carries the
+    damage that every earlier step's noise did (curvature times Σ Δ), so a block earns σ only when
+    its steps helped at the end of the segment, not just at the next step."""
+    learned, blocks = opt.perturbation, opt.blocks
+    with torch.enable_grad():
+        loss = loss_fn(opt.model, meta_batch)
+        grads = [g.float() for g in torch.autograd.grad(loss, [b.param for b in blocks])]
+    surrogate = 0.0
+    for st in steps:
+        with torch.no_grad():
+            along = torch.stack([(g * direction(opt, st.seed, b).float()).sum() for b, g in zip(blocks, grads)])
+            weight = -st.lr * torch.tensor(st.coef, dtype=torch.float64, device=along.device) * along.double()
+        surrogate = surrogate + (learned.normalised(learned.sigma(st.state, st.prev_losses)) * weight).sum()
+    return surrogate, loss.item()

@@ -40,9 +40,9 @@ from zoft.perturbations import LearnedScale, LearnedScaleConfig, LearnedState
 from zoft.rng import derive
 from zoft.scoring import classification_loss
 from zoft.tasks import get_task, sample_splits
-from zoft.tuner import BlockMLPs, read_tuner, save_tuner, summarise_scales
+from zoft.tuner import BlockMLPs, save_tuner, summarise_scales
 
-from meta_train.outer import lookahead_loss
+from meta_train.outer import UnrollStep, lookahead_loss, recorded_step, unrolled_loss
 
 
 TUNER_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -73,6 +73,10 @@ class MetaTrainConfig(AdapterConfig):
     meta_batch: str = field(default="same", metadata={
         "help": "the batch the look-ahead loss is taken on: same (the paper's: the step's own) or other"
                 " (the task's next batch: only gradient that generalises across batches is rewarded)"})
+    objective: str = field(default="lookahead", metadata={
+        "help": "lookahead (the paper's: L after one step, every step) or unroll (L after --horizon steps"
+                " of the tuner's own ZO trajectory, one update per segment; needs --trajectory zo --meta-batch other)"})
+    horizon: int = field(default=10, metadata={"help": "unroll: ZO steps per segment"})
     lr_llm: float = 1e-5
     momentum: float = 0.8
     clip: float = 1.0
@@ -101,6 +105,15 @@ class MetaTrainConfig(AdapterConfig):
             raise ZoftError(f"trajectory must be first-order or zo, got {self.trajectory!r}")
         if self.meta_batch not in ("same", "other"):
             raise ZoftError(f"meta-batch must be same or other, got {self.meta_batch!r}")
+        if self.objective not in ("lookahead", "unroll"):
+            raise ZoftError(f"objective must be lookahead or unroll, got {self.objective!r}")
+        if self.objective == "unroll":
+            if self.trajectory != "zo" or self.meta_batch != "other":
+                raise ZoftError("--objective unroll follows the tuner's own ZO trajectory and takes its loss on a batch"
+                                " the segment did not train on: pass --trajectory zo --meta-batch other")
+            if self.horizon < 1 or self.restart_every % self.horizon or self.steps % self.horizon:
+                raise ZoftError(f"horizon must be >= 1 and divide restart-every ({self.restart_every}) and steps"
+                                f" ({self.steps}), got {self.horizon}")
         if self.start not in ("isotropic", "random"):
             raise ZoftError(f"start must be isotropic or random, got {self.start!r}")
         if not [t for t in self.tasks.split(",") if t.strip()]:
@@ -158,39 +171,30 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
     def fresh_llm_optimizer():
         return torch.optim.SGD([b.param for b in blocks], lr=cfg.lr_llm, momentum=cfg.momentum)
 
-    llm_opt = fresh_llm_optimizer()
-    started = time.perf_counter()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="meta-train", file=sys.stderr)
-    for step in bar:
-        if step % cfg.restart_every == 0:
-            with torch.no_grad():
-                for b, p0 in zip(blocks, initial):
-                    b.param.copy_(p0)
-            llm_opt = fresh_llm_optimizer()
-            if step > start:
-                _checkpoint(out, work, cfg, learned.net, tuner_opt, blocks, streams, sigma_prev, prev_losses, step,
-                            curve, log_file.tell())
+    def task_loss(task):
+        return lambda m, b: classification_loss(m, b, candidates[task.name], train_loss=task.train_loss)
+
+    def tuner_step(meta: torch.Tensor) -> float:
+        tuner_opt.zero_grad(set_to_none=True)
+        meta.backward()
+        grad_norm = torch.cat([p.grad.flatten() for p in learned.net.parameters()]).norm().item()
+        tuner_opt.step()
+        return grad_norm
+
+    def lookahead_step(step: int, lr_llm: float) -> dict:
         task = tasks[step % len(tasks)]
+        loss_fn = task_loss(task)
         batch = next(streams[task.name])
         meta_batch = next(streams[task.name]) if cfg.meta_batch == "other" else batch
-
-        def loss_fn(m, b, cand=candidates[task.name], train_loss=task.train_loss):
-            return classification_loss(m, b, cand, train_loss=train_loss)
-
-        model.eval()
         state = LearnedState(sigma_prev[task.name], _block_stats(blocks))
         meta, lp, lm, sigma, scale = lookahead_loss(blocks_opt, loss_fn, batch, derive(cfg.seed, step), state,
                                                     prev_losses[task.name], cfg.lr_update, step, meta_batch)
-        tuner_opt.zero_grad(set_to_none=True)
-        meta.backward()
-        tuner_grad = torch.cat([p.grad.flatten() for p in learned.net.parameters()]).norm().item()
-        tuner_opt.step()
+        tuner_grad = tuner_step(meta)
         # L(θ) on the meta batch, the look-ahead's reference: the first-order step's loss gives it free
         free = cfg.trajectory == "first-order" and meta_batch is batch
         if not free:
             with torch.no_grad():
                 base_loss = loss_fn(model, meta_batch).item()
-        lr_llm = cfg.lr_llm * max(0.0, 1 - (step % cfg.restart_every) / cfg.restart_every)  # linear decay per period
         if cfg.trajectory == "zo":
             # the fine-tune's own step with the updated tuner, seeded by the global step so a resumed
             # run draws the same directions
@@ -208,13 +212,58 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
             model.eval()
             for b in blocks:
                 b.param.grad = None
-        if free:
-            base_loss = loss.item()
-        sigma_prev[task.name] = sigma
-        prev_losses[task.name] = (lp, lm)
-        record = {"step": step + 1, "task": task.name, "meta_loss": meta.item(), "loss_plus": lp,
-                  "loss_minus": lm, "loss": base_loss, "trajectory_loss": loss.item(), "tuner_grad": tuner_grad,
-                  "sigma_min": scale.min().item(), "sigma_max": scale.max().item(),
+        sigma_prev[task.name], prev_losses[task.name] = sigma, (lp, lm)
+        return {"task": task.name, "meta_loss": meta.item(), "loss_plus": lp, "loss_minus": lm,
+                "loss": loss.item() if free else base_loss, "trajectory_loss": loss.item(), "tuner_grad": tuner_grad,
+                "scale": scale}
+
+    segment: list[UnrollStep] = []  # the current unroll's steps
+    segment_start: dict = {}  # its meta batch and L(θ_0) there
+
+    def unroll_step(step: int, lr_llm: float) -> dict | None:
+        """One ZO step of the tuner's own trajectory; at a segment's last step, the tuner's update
+        on the K-step meta-gradient of L(θ_K) on a batch the segment did not train on."""
+        task = tasks[(step // cfg.horizon) % len(tasks)]
+        loss_fn = task_loss(task)
+        if step % cfg.horizon == 0:
+            segment.clear()
+            blocks_opt.states["perturbation"] = LearnedState(sigma_prev[task.name], _block_stats(blocks))
+            blocks_opt.prev_losses = prev_losses[task.name]
+            segment_start["batch"] = next(streams[task.name])
+            with torch.no_grad():
+                segment_start["loss"] = loss_fn(model, segment_start["batch"]).item()
+        batch = next(streams[task.name])
+        segment.append(recorded_step(blocks_opt, lambda: loss_fn(model, batch), step, lr_llm))
+        if len(segment) < cfg.horizon:
+            return None
+        surrogate, meta_loss = unrolled_loss(blocks_opt, loss_fn, segment_start["batch"], segment)
+        tuner_grad = tuner_step(surrogate)
+        sigma_prev[task.name] = blocks_opt.states["perturbation"].sigma_prev
+        prev_losses[task.name] = blocks_opt.prev_losses
+        lp, lm = blocks_opt.last["loss_plus"], blocks_opt.last["loss_minus"]
+        return {"task": task.name, "meta_loss": meta_loss, "loss_plus": lp, "loss_minus": lm,
+                "loss": segment_start["loss"], "trajectory_loss": lp, "tuner_grad": tuner_grad,
+                "scale": torch.tensor(blocks_opt.last_scales)}
+
+    llm_opt = fresh_llm_optimizer()
+    started = time.perf_counter()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="meta-train", file=sys.stderr)
+    for step in bar:
+        if step % cfg.restart_every == 0:
+            with torch.no_grad():
+                for b, p0 in zip(blocks, initial):
+                    b.param.copy_(p0)
+            llm_opt = fresh_llm_optimizer()
+            if step > start:
+                _checkpoint(out, work, cfg, learned.net, tuner_opt, blocks, streams, sigma_prev, prev_losses, step,
+                            curve, log_file.tell())
+        model.eval()
+        lr_llm = cfg.lr_llm * max(0.0, 1 - (step % cfg.restart_every) / cfg.restart_every)  # linear decay per period
+        outcome = (unroll_step if cfg.objective == "unroll" else lookahead_step)(step, lr_llm)
+        if outcome is None:
+            continue
+        scale = outcome.pop("scale")
+        record = {"step": step + 1, **outcome, "sigma_min": scale.min().item(), "sigma_max": scale.max().item(),
                   "seconds": time.perf_counter() - started}
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
@@ -252,16 +301,18 @@ def _write_card(out: Path, work: Path, cfg: MetaTrainConfig, model):
         return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
                 for i in range(len(values))]
 
-    # L(θ′) − L(θ) on the meta batch: what the tuner's scales bought the look-ahead step (the
-    # losses themselves follow the LLM's trajectory and the task mix)
+    # L(θ′) − L(θ) on the meta batch: what the tuner's scales bought the look-ahead step, or the
+    # unroll's K steps (the losses themselves follow the LLM's trajectory and the task mix)
     gain = smooth(gains)
+    unroll = cfg.objective == "unroll"
+    after = "L(θ_K)" if unroll else "L(θ′)"
     steps = [r["step"] for r in records]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
     top.plot(steps, smooth([r["meta_loss"] for r in records]))
-    top.set(ylabel="look-ahead loss L(θ′)", title=f"{out.name} (means of {window} steps)")
+    top.set(ylabel=f"meta-loss {after}", title=f"{out.name} (means of {window} records)")
     bottom.plot(steps, gain)
     bottom.axhline(0, color="grey", lw=0.8)
-    bottom.set(xlabel="meta-training step", ylabel="L(θ′) − L(θ)")
+    bottom.set(xlabel="meta-training step", ylabel=f"{after} − L(θ)")
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -275,9 +326,16 @@ def _write_card(out: Path, work: Path, cfg: MetaTrainConfig, model):
                         if v not in (None, "") and k not in ("report_to", "wandb_project", *adapters)),
                       cfg.adapter_flags()]).strip()
     minutes = records[-1]["seconds"] / 60 if records else 0.0
-    periods = [gains[i : i + cfg.restart_every] for i in range(0, len(gains), cfg.restart_every)]
+    per_period = cfg.restart_every // cfg.horizon if unroll else cfg.restart_every  # records per restart period
+    periods = [gains[i : i + per_period] for i in range(0, len(gains), per_period)]
     period_gains = [sum(p) / len(p) for p in periods]
     use = " ".join(filter(None, ["zoft finetune", cfg.adapter_flags(), f"--tuner {out}"]))
+    if unroll:
+        what = (f"Segment gain L(θ_K) − L(θ₀) (the loss change over one segment of {cfg.horizon} ZO steps of the"
+                " tuner's own trajectory, on a batch the segment did not train on)")
+    else:
+        what = (f"Look-ahead gain L(θ′) − L(θ) (the loss change of one ZO step of lr {cfg.lr_update:g} with the tuner's"
+                f" scales, on the {'step' if cfg.meta_batch == 'same' else 'task'}'s {'own' if cfg.meta_batch == 'same' else 'next'} batch)")
     body = f"""# Perturbation tuner: {out.name}
 
 Base model: {model_id(cfg.model)} ({len(collect_blocks(model))} blocks). Meta-trained for the `{cfg.estimator}`
@@ -297,10 +355,9 @@ isotropic perturbation):
 
 ![effective scales](scales.png)
 
-Look-ahead gain L(θ′) − L(θ) (the loss change of one ZO step of lr {cfg.lr_update:g} with the
-tuner's scales, on the {"step's" if cfg.meta_batch == "same" else "task's next"} batch), mean of the first and last {window} steps:
+{what}, mean of the first and last {window} records:
 {gain[window - 1] if records else float('nan'):+.4f} → {gain[-1] if records else float('nan'):+.4f}.
-Mean L(θ′) − L(θ) per restart period (the LLM replays from θ₀ each period; the first starts
+Mean {after} − L(θ) per restart period (the LLM replays from θ₀ each period; the first starts
 from isotropic scales): {", ".join(f"{g:+.4f}" for g in period_gains)}.
 Evaluation on tasks not used here: see the repository's `bench/convergence.py`.
 """
@@ -345,6 +402,8 @@ def _checkpoint(out: Path, work: Path, cfg, net, tuner_opt, blocks, streams, sig
     save_tuner(out / "tuner.safetensors", net, blocks, meta)
     tensors, optimizer = _optimizer_tensors(tuner_opt)
     tensors.update({f"sigma_prev/{k}": v.contiguous() for k, v in sigma_prev.items()})
+    # the tuner's weights too: a kill between the two writes leaves the artifact one period ahead
+    tensors.update({f"net/{k}": v.detach().contiguous() for k, v in net.state_dict().items()})
     state = {"step": step, "prev_losses": prev_losses, "curve": curve, "log_bytes": log_bytes,
              "optimizer": optimizer, "data": {k: s.state_dict() for k, s in streams.items()}}
     tmp = work / ".checkpoint.tmp"
@@ -370,11 +429,8 @@ def _resume(out: Path, work: Path, cfg, net, tuner_opt, streams, sigma_prev, pre
         state, saved_cfg = json.loads(f.metadata()["state"]), json.loads(f.metadata()["config"])
     if saved_cfg != _resumable(cfg):
         raise ZoftError(f"{work} holds a meta-training run with other settings; use another --output")
-    tensors, _ = read_tuner(out / "tuner.safetensors")
-    with torch.no_grad():
-        for k in ("w1", "b1", "w2", "b2"):
-            getattr(net, k).copy_(tensors[k])
     saved = load_file(str(path))
+    net.load_state_dict({k.split("/", 1)[1]: v for k, v in saved.items() if k.startswith("net/")})
     _load_optimizer(tuner_opt, saved, state["optimizer"])
     for k, v in saved.items():
         if k.startswith("sigma_prev/"):

@@ -83,6 +83,33 @@ def test_the_look_ahead_loss_is_taken_on_the_meta_batch_at_the_step_estimated_on
     assert not torch.isclose(meta.detach(), same[0].detach()) and not torch.isclose(expected, at_start)
 
 
+def test_the_unrolled_meta_gradient_is_the_exact_gradient_of_the_loss_after_k_steps_with_coefficients_held():
+    """θ_K = θ_0 − Σ_t η_t k_t s_t z_t is linear in the scales once the coefficients k_t are held: the
+    surrogate's gradient in the tuner's weights must equal autograd through that θ_K."""
+    from meta_train.outer import direction, recorded_step, unrolled_loss
+
+    other = torch.randint(1, 64, (3, 7), generator=torch.Generator().manual_seed(5))
+    opt, net = tuner_optimizer()
+    learned, blocks = opt.perturbation, opt.blocks
+    start = {b.name: b.param.detach().clone() for b in blocks}
+    steps = [recorded_step(opt, lambda: lm_loss(opt.model, IDS), t, lr) for t, lr in [(7, 0.05), (8, 0.02), (9, 0.04)]]
+    surrogate, meta_loss = unrolled_loss(opt, lm_loss, other, steps)
+    surrogate.backward()
+
+    net_b2 = net.b2.detach().clone().requires_grad_()
+    scale = (learned.dims.sum() / (learned.dims * net_b2.squeeze(-1).double() ** 2).sum()).sqrt() * net_b2.squeeze(-1).abs()
+    moved = {b.name: start[b.name] - sum(st.lr * st.coef[b.index] * scale[b.index].float() * direction(opt, st.seed, b)
+                                         for st in steps) for b in blocks}
+    for b in blocks:  # the engine's steps put the weights where the formula does
+        torch.testing.assert_close(b.param.detach(), moved[b.name].detach(), rtol=1e-4, atol=1e-6)
+    loss = functional_call(opt.model, moved, (other,), {"labels": other}, strict=False).loss
+    assert meta_loss == pytest.approx(loss.item(), rel=1e-4)
+    expected, = torch.autograd.grad(loss, net_b2)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(net.b2.grad, expected, rtol=2e-3, atol=1e-8)
+    assert all(p.grad is None for p in opt.model.parameters())
+
+
 def test_a_zo_trajectory_moves_the_llm_by_the_engines_own_steps(tmp_path, tiny_model_dir, monkeypatch):
     """--trajectory zo: the LLM takes one ZOOptimizer step per meta-step (the paper's first-order
     trajectory takes none), and --meta-batch other reads a second batch per step."""
@@ -144,7 +171,9 @@ def test_meta_training_changes_the_tuner_writes_a_loadable_artifact_and_resumes(
                                                   ("tuner_optimizer", "lbfgs", "tuner-optimizer must be adam or sgd"),
                                                   ("lr_tuner", 0.0, "lr-tuner must be > 0"),
                                                   ("trajectory", "adam", "trajectory must be first-order or zo"),
-                                                  ("meta_batch", "dev", "meta-batch must be same or other")])
+                                                  ("meta_batch", "dev", "meta-batch must be same or other"),
+                                                  ("objective", "es", "objective must be lookahead or unroll"),
+                                                  ("objective", "unroll", "pass --trajectory zo --meta-batch other")])
 def test_meta_train_config_errors(flag, value, message):
     from meta_train.train import MetaTrainConfig
 
@@ -173,7 +202,9 @@ def test_zoft_never_imports_meta_train():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("how", [{}, {"trajectory": "zo", "meta_batch": "other", "lr_llm": 1e-2}])
+@pytest.mark.parametrize("how", [{}, {"trajectory": "zo", "meta_batch": "other", "lr_llm": 1e-2},
+                                 {"trajectory": "zo", "meta_batch": "other", "lr_llm": 1e-2, "objective": "unroll",
+                                  "horizon": 3, "restart_every": 6}], ids=["first-order", "zo", "unroll"])
 def test_meta_train_kill_9_then_resume_writes_the_same_tuner_bit_for_bit(tmp_path, tiny_model_dir, how):
     import sys
 
@@ -181,12 +212,13 @@ def test_meta_train_kill_9_then_resume_writes_the_same_tuner_bit_for_bit(tmp_pat
     from tests.test_resume import _kill_at_random_step
     from zoft.tuner import read_tuner
 
-    args = dict(model=str(tiny_model_dir), tasks="tweets", restart_every=3, batch_size=4, num_train=16,
-                lr_update=1e-2, lr_tuner=1e-2, steps=24, **how)
+    args = {**dict(model=str(tiny_model_dir), tasks="tweets", restart_every=3, batch_size=4, num_train=16,
+                   lr_update=1e-2, lr_tuner=1e-2, steps=24), **how}
     straight = meta_train(MetaTrainConfig(output=str(tmp_path / "a"), **args))
     cmd = [sys.executable, "-m", "zoft.cli", "meta-train", "--output", str(tmp_path / "b"),
            *[x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]]
-    killed_at = _kill_at_random_step(cmd, tmp_path / ".b.meta-train", 24, seed=7, marker='"meta_loss"',
+    records = 24 // args.get("horizon", 1) if args.get("objective") == "unroll" else 24  # one per segment
+    killed_at = _kill_at_random_step(cmd, tmp_path / ".b.meta-train", records, seed=7, marker='"meta_loss"',
                                      log="meta_train.jsonl")
     resumed = meta_train(MetaTrainConfig(output=str(tmp_path / "b"), **args))
     # safetensors writes its metadata map in hash order, so the bytes of two equal headers can
@@ -195,7 +227,26 @@ def test_meta_train_kill_9_then_resume_writes_the_same_tuner_bit_for_bit(tmp_pat
     assert ma == mb and all(torch.equal(ta[k], tb[k]) for k in ta), f"killed at step {killed_at}"
     logs = [[{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in
              (tmp_path / f".{n}.meta-train" / "meta_train.jsonl").read_text().splitlines()] for n in "ab"]
-    assert logs[0] == logs[1] and len(logs[0]) == 24
+    assert logs[0] == logs[1] and len(logs[0]) == records
+
+
+def test_a_resume_reads_the_tuner_from_its_checkpoint_not_from_an_artifact_written_after_it(tmp_path, tiny_model_dir):
+    """The artifact is written just before the checkpoint: a kill between the two leaves the artifact a
+    period ahead of the checkpoint it resumes from, and the resumed run must not start from it."""
+    from meta_train.train import MetaTrainConfig, meta_train
+    from zoft.tuner import read_tuner, save_tuner
+
+    args = dict(model=str(tiny_model_dir), tasks="tweets", restart_every=3, batch_size=4, num_train=16, lr_update=1e-2)
+    straight = meta_train(MetaTrainConfig(output=str(tmp_path / "a"), steps=6, **args))
+    meta_train(MetaTrainConfig(output=str(tmp_path / "b"), steps=3, **args))
+    tensors, meta = read_tuner(tmp_path / "b" / "tuner.safetensors")
+    ahead = BlockMLPs(tensors["w1"].shape[0], seed=5)  # as if the next period's weights had landed
+    from zoft.models import load_model
+
+    save_tuner(tmp_path / "b" / "tuner.safetensors", ahead, collect_blocks(load_model(str(tiny_model_dir))[0]), meta)
+    resumed = meta_train(MetaTrainConfig(output=str(tmp_path / "b"), steps=6, **args))
+    (ta, _), (tb, _) = read_tuner(resumed), read_tuner(straight)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def test_meta_train_with_lora_makes_a_tuner_for_the_adapters_that_only_a_lora_fine_tune_loads(tmp_path, tiny_model_dir,
