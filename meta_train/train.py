@@ -196,11 +196,10 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
             with torch.no_grad():
                 base_loss = loss_fn(model, meta_batch).item()
         if cfg.trajectory == "zo":
-            # the fine-tune's own step with the updated tuner, seeded by the global step so a resumed
-            # run draws the same directions
-            blocks_opt.step_count, blocks_opt.prev_losses = step, prev_losses[task.name]
-            blocks_opt.states["perturbation"] = state
-            loss = torch.tensor(blocks_opt.step(lambda: loss_fn(model, batch), lr=lr_llm))
+            # the fine-tune's own step with the updated tuner
+            blocks_opt.prev_losses, blocks_opt.states["perturbation"] = prev_losses[task.name], state
+            recorded_step(blocks_opt, lambda: loss_fn(model, batch), step, lr_llm)
+            loss = torch.tensor(blocks_opt.last["loss_plus"])
         else:
             model.train()
             llm_opt.param_groups[0]["lr"] = lr_llm
