@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import zoft
 from zoft.adapters import with_adapters
+from zoft.block_scales import read_block_scales
 from zoft.blocks import collect_blocks
 from zoft.config import AdapterConfig
 from zoft.data import Batches, candidate_token_ids, encode
@@ -83,6 +84,9 @@ class MetaTrainConfig(AdapterConfig):
     dim_rule: str = "reference"
     start: str = field(default="isotropic", metadata={
         "help": "the tuner's initial σ: isotropic (σ ≈ 1, MeZO's perturbation) or random (nn.Linear's init)"})
+    prior: str = field(default="", metadata={
+        "help": "a block_scales file (zoft meta-allocate's): the tuner starts at its allocation and holds"
+                " the blocks it holds (σ 0), so meta-training learns a correction to it"})
     max_length: int = 256
     seed: int = 0
     report_to: str = field(default="none", metadata={"help": "none or wandb (offline unless a key is set)"})
@@ -116,6 +120,10 @@ class MetaTrainConfig(AdapterConfig):
                                 f" ({self.steps}), got {self.horizon}")
         if self.start not in ("isotropic", "random"):
             raise ZoftError(f"start must be isotropic or random, got {self.start!r}")
+        if self.prior and self.start != "isotropic":
+            raise ZoftError("--prior sets the tuner's start; it cannot be combined with --start random")
+        if self.prior and not Path(self.prior).is_file():
+            raise ZoftError(f"prior file not found: {self.prior}")
         if not [t for t in self.tasks.split(",") if t.strip()]:
             raise ZoftError(f"--tasks needs at least one task name, got {self.tasks!r}")
         if not 0 <= self.momentum < 1:
@@ -130,6 +138,15 @@ class MetaTrainConfig(AdapterConfig):
 def _block_stats(blocks) -> torch.Tensor:
     with torch.no_grad():
         return torch.stack([torch.stack([b.param.float().mean(), b.param.float().var()]) for b in blocks])
+
+
+def _initial_tuner(cfg: MetaTrainConfig, blocks) -> BlockMLPs:
+    if not cfg.prior:
+        return BlockMLPs(len(blocks), seed=cfg.seed, start=cfg.start)
+    sigma = torch.tensor(read_block_scales(cfg.prior, blocks, cfg.batch_size))
+    net = BlockMLPs(len(blocks), seed=cfg.seed, start="random", held=sigma == 0)
+    net.start_at(sigma)
+    return net
 
 
 def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
@@ -147,7 +164,7 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
         candidates[task.name] = candidate_token_ids(task, tokenizer)
 
     learned = LearnedScale(LearnedScaleConfig(dim_rule=cfg.dim_rule, batch_size=cfg.batch_size),
-                           net=BlockMLPs(len(collect_blocks(model)), seed=cfg.seed, start=cfg.start))
+                           net=_initial_tuner(cfg, collect_blocks(model)))
     # the fine-tuning machinery (blocks, noise, hooks, estimator) that the tuner is fitted to
     blocks_opt = ZOOptimizer(model, estimator, learned, zoft.updates.SGD(zoft.updates.SGDConfig()), seed=cfg.seed)
     blocks = blocks_opt.blocks
@@ -357,7 +374,7 @@ isotropic perturbation):
 {what}, mean of the first and last {window} records:
 {gain[window - 1] if records else float('nan'):+.4f} → {gain[-1] if records else float('nan'):+.4f}.
 Mean {after} − L(θ) per restart period (the LLM replays from θ₀ each period; the first starts
-from isotropic scales): {", ".join(f"{g:+.4f}" for g in period_gains)}.
+from {f"the prior's allocation, {cfg.prior}" if cfg.prior else "isotropic scales"}): {", ".join(f"{g:+.4f}" for g in period_gains)}.
 Evaluation on tasks not used here: see the repository's `bench/convergence.py`.
 """
     _save_card(out, cfg, body)

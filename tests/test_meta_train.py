@@ -181,6 +181,37 @@ def test_meta_train_config_errors(flag, value, message):
         MetaTrainConfig(output="x", **{flag: value})
 
 
+def test_a_prior_allocation_is_the_tuners_start_and_its_zeros_stay_held(tmp_path, tiny_model_dir):
+    from meta_train.train import MetaTrainConfig, meta_train
+    from zoft.block_scales import read_block_scales, save_block_scales
+    from zoft.models import load_model
+    from zoft.tuner import load_tuner
+
+    model, _ = load_model(str(tiny_model_dir))
+    blocks = collect_blocks(model)
+    prior_sigma = torch.linspace(0.5, 3.0, len(blocks)) * torch.tensor([i % 4 != 1 for i in range(len(blocks))])
+    prior = tmp_path / "prior.safetensors"
+    save_block_scales(prior, blocks, prior_sigma)
+    records = []
+    base = dict(model=str(tiny_model_dir), tasks="tweets", restart_every=2, batch_size=4, num_train=16,
+                lr_update=1e-2, lr_llm=1e-2, trajectory="zo", meta_batch="other", prior=str(prior))
+    path = meta_train(MetaTrainConfig(output=str(tmp_path / "t"), steps=2, lr_tuner=1e-9, **base), log=records.append)
+    net, _ = load_tuner(path, blocks)
+    assert torch.equal(net.held, prior_sigma == 0)
+    learned = LearnedScale(LearnedScaleConfig(batch_size=4), net=net)
+    state = learned.init(blocks)
+    torch.testing.assert_close(torch.tensor(learned.scales(blocks, state)[0]),
+                               torch.tensor(read_block_scales(str(prior), blocks, 4)), rtol=0.02, atol=0)
+    assert all(r["sigma_min"] == 0 for r in records)
+    path = meta_train(MetaTrainConfig(output=str(tmp_path / "moved"), steps=2, lr_tuner=0.1, **base))
+    assert torch.equal(load_tuner(path, blocks)[0].held, prior_sigma == 0)  # meta-training never frees a held block
+    assert "the prior's allocation" in (tmp_path / "moved" / "README.md").read_text()
+    with pytest.raises(zoft.ZoftError, match="cannot be combined with --start random"):
+        MetaTrainConfig(output="x", prior=str(prior), start="random")
+    with pytest.raises(zoft.ZoftError, match="prior file not found"):
+        MetaTrainConfig(output="x", prior=str(tmp_path / "none.safetensors"))
+
+
 def test_isotropic_start_gives_sigma_near_one_for_any_input():
     net = BlockMLPs(5, seed=3, start="isotropic")
     x = torch.randn(5, 5) * torch.tensor([1.0, 1e-3, 3.0, 3.0, 2.0])

@@ -83,6 +83,36 @@ def test_learned_scale_normalises_energy_and_tracks_stats_through_the_update():
     assert opt.prev_losses is not None and not torch.equal(opt.states["perturbation"].sigma_prev, torch.ones(len(blocks)))
 
 
+def test_held_blocks_get_no_perturbation_survive_save_and_load_and_never_move(tmp_path):
+    model = tiny_llama()
+    blocks = collect_blocks(model)
+    held = torch.tensor([i % 3 == 0 for i in range(len(blocks))])
+    path = tmp_path / "tuner.safetensors"
+    save_tuner(path, BlockMLPs(len(blocks), seed=2, start="isotropic", held=held), blocks, {})
+    assert json.loads(read_tuner(path)[1]["held"]) == [b.name for b, h in zip(blocks, held) if h]
+    net, _ = load_tuner(path, blocks)
+    assert torch.equal(net.held, held)
+    learned = LearnedScale(LearnedScaleConfig(dim_rule="numel"), net=net)
+    opt = zoft.ZOOptimizer(model, zoft.estimators.TwoPoint(zoft.estimators.SPSAConfig(eps=1e-2)), learned,
+                           zoft.updates.SGD(zoft.updates.SGDConfig(lr=1e-1)))
+    sigma = torch.tensor(learned.scales(blocks, opt.states["perturbation"], prev_losses=None)[0], dtype=torch.float64)
+    dims = torch.tensor([b.numel for b in blocks], dtype=torch.float64)
+    assert (sigma[held] == 0).all() and (sigma[~held] > 1).all()  # the free blocks carry the whole budget
+    assert (dims * sigma**2).sum().item() == pytest.approx(dims.sum().item(), rel=1e-9)
+    before = [b.param.detach().clone() for b in blocks]
+    ids = torch.randint(1, 64, (2, 6))
+    opt.step(lambda: model(ids, labels=ids).loss)
+    moved = torch.tensor([not torch.equal(b.param, p) for b, p in zip(blocks, before)])
+    assert torch.equal(moved, ~held)
+    header = dict(read_tuner(path)[1], held=json.dumps(["model.no_such_block.weight"]))
+    tensors = {k: getattr(net, k).detach().contiguous() for k in ("w1", "b1", "w2", "b2")}
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=header)
+    with pytest.raises(ZoftError, match="holds blocks this model does not have"):
+        load_tuner(path, blocks)
+
+
 def test_reference_dim_rule_counts_embedding_rows():
     blocks = collect_blocks(tiny_llama())
     learned = LearnedScale(LearnedScaleConfig(batch_size=4, tokens_per_example=15), net=BlockMLPs(len(blocks)))

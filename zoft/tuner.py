@@ -5,9 +5,13 @@ One small MLP per block, 5 → 64 → tanh → 1 → |·|, maps the block's feat
 are evaluated at once as batched matrix products over stacked weights w1 [n,64,5], b1 [n,64],
 w2 [n,1,64], b2 [n,1]: one call per step, not n module calls.
 
+A tuner may hold blocks: their σ is 0 whatever the network says (with LoRA, the A blocks at
+B = 0, where the loss does not depend on them to first order and a step along them is noise).
+
 The artifact is one safetensors file whose header metadata is the source of truth: format,
 ordered block names and shapes (their hash is the fingerprint checked at load time), feature
-order, hidden size, the effective-dimension rule, base model, estimator and meta-training config.
+order, hidden size, the held blocks, the effective-dimension rule, base model, estimator and
+meta-training config.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ class BlockMLPs(nn.Module):
     ``start="random"`` is nn.Linear's default initialisation (the reference's): on SmolLM2 its
     σ span 0.004–3.2 across blocks before any training, an arbitrary allocation. ``"isotropic"``
     shrinks the output layer and sets its bias to 1, so σ ≈ 1 for every block at any input:
-    meta-training then starts from MeZO's perturbation, and every departure from it is learned."""
+    meta-training then starts from MeZO's perturbation, and every departure from it is learned.
+    ``held`` [n] bool: blocks whose σ is 0 at any input."""
 
-    def __init__(self, num_blocks: int, hidden: int = HIDDEN, seed: int = 0, start: str = "random"):
+    def __init__(self, num_blocks: int, hidden: int = HIDDEN, seed: int = 0, start: str = "random",
+                 held: torch.Tensor | None = None):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         features = len(FEATURES)
@@ -49,17 +55,29 @@ class BlockMLPs(nn.Module):
         self.b1 = uniform(num_blocks, hidden, fan_in=features)
         self.w2 = uniform(num_blocks, 1, hidden, fan_in=hidden)
         self.b2 = uniform(num_blocks, 1, fan_in=hidden)
+        held = torch.zeros(num_blocks, dtype=torch.bool) if held is None else held.bool()
+        if held.shape != (num_blocks,):
+            raise ZoftError(f"held must have one flag per block ({num_blocks}), got shape {list(held.shape)}")
+        self.register_buffer("free", (~held).float(), persistent=False)  # the header, not the tensors, stores it
         if start == "isotropic":
-            with torch.no_grad():
-                self.w2.mul_(0.01)
-                self.b2.fill_(1.0)
+            self.start_at(torch.ones(num_blocks))
         elif start != "random":
             raise ZoftError(f"tuner start must be random or isotropic, got {start!r}")
+
+    @property
+    def held(self) -> torch.Tensor:
+        return self.free == 0
+
+    def start_at(self, sigma: torch.Tensor):
+        """σ ≈ ``sigma`` at any input: the output layer shrunk, its bias set to it."""
+        with torch.no_grad():
+            self.w2.mul_(0.01)
+            self.b2.copy_(sigma.reshape(self.b2.shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [n, 5] → σ [n]."""
         h = torch.tanh(torch.einsum("nhf,nf->nh", self.w1, x) + self.b1)
-        return (torch.einsum("noh,nh->no", self.w2, h) + self.b2).abs().squeeze(-1)
+        return (torch.einsum("noh,nh->no", self.w2, h) + self.b2).abs().squeeze(-1) * self.free
 
 
 def fingerprint(blocks) -> str:
@@ -79,6 +97,7 @@ def save_tuner(path, net: BlockMLPs, blocks, meta: dict):
         "fingerprint": fingerprint(blocks),
         "features": json.dumps(FEATURES),
         "hidden": str(net.w1.shape[1]),
+        "held": json.dumps([b.name for b, h in zip(blocks, net.held.tolist()) if h]),
         **{k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()},
     }
     tmp = path.with_name(f".{path.name}.tmp")
@@ -150,7 +169,10 @@ def load_tuner(path, blocks) -> tuple[BlockMLPs, dict]:
         raise ZoftError(f"{path}: header hidden {meta['hidden']} but w1 has {tensors['w1'].shape[1]} units")
     _header_json(meta, "blocks", path)
     check_fits(meta, blocks, path)
-    net = BlockMLPs(len(blocks), hidden=tensors["w1"].shape[1])
+    held = set(_header_json(meta, "held", path)) if "held" in meta else set()  # older tuners hold nothing
+    if held - {b.name for b in blocks}:
+        raise ZoftError(f"{path}: the tuner holds blocks this model does not have: {sorted(held)[:3]}")
+    net = BlockMLPs(len(blocks), hidden=tensors["w1"].shape[1], held=torch.tensor([b.name in held for b in blocks]))
     with torch.no_grad():
         for k in TENSORS:
             if getattr(net, k).shape != tensors[k].shape:

@@ -5,7 +5,8 @@ type, with the blocks outside the layers (embedding, final norm) in a row of the
 
 The tuner runs as in fine-tuning (batch 16, the model's own block statistics) for a few steps
 with both previous losses at 0.7, about a two-class cross-entropy at the start, so that σ_prev
-settles; 1 is MeZO's isotropic perturbation, and the colour scale is logarithmic around it.
+settles; 1 is MeZO's isotropic perturbation, and the colour scale is logarithmic around it. A
+block the tuner holds (σ 0) is left blank.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def effective_scales(tuner_path, model, steps: int = 5) -> tuple[list, list[floa
     return blocks, scales
 
 
+def _log10(scale: float) -> float:
+    return math.log10(scale) if scale > 0 else math.nan  # a held block: a blank cell
+
+
 def draw(blocks, scales: list[float], out: Path, title: str = ""):
     import matplotlib
 
@@ -55,18 +60,18 @@ def draw(blocks, scales: list[float], out: Path, title: str = ""):
     layers = max(i for i, _, _ in inside) + 1
     grid = np.full((layers, len(kinds)), np.nan)
     for i, kind, s in inside:
-        grid[i, kinds.index(kind)] = math.log10(s)
-    limit = max(0.3, float(np.nanmax(np.abs(grid))), *(abs(math.log10(s)) for _, s in outside))
+        grid[i, kinds.index(kind)] = _log10(s)
+    limit = max(0.3, *(abs(_log10(s)) for s in scales if s > 0))
     if outside:
         fig, (top, main) = plt.subplots(2, 1, figsize=(1 + 0.7 * len(kinds), 2 + 0.18 * layers),
                                         gridspec_kw={"height_ratios": [1, max(3, layers // 3)]})
-        top.imshow([[math.log10(s) for _, s in outside]], cmap="coolwarm", vmin=-limit, vmax=limit, aspect="auto")
+        top.imshow([[_log10(s) for _, s in outside]], cmap="coolwarm", vmin=-limit, vmax=limit, aspect="auto")
         top.set_xticks(range(len(outside)), [n for n, _ in outside], rotation=30, fontsize=7)
         top.set_yticks([])
     else:  # adapters only (LoRA): every block is in a layer
         fig, main = plt.subplots(figsize=(1 + 0.7 * len(kinds), 1.5 + 0.18 * layers))
         top = main
-    top.set_title(title or "effective scale cσ (log10; 0 = isotropic)", fontsize=9)
+    top.set_title(title or "effective scale cσ (log10; 0 = isotropic; blank = held)", fontsize=9)
     image = main.imshow(grid, cmap="coolwarm", vmin=-limit, vmax=limit, aspect="auto")
     main.set_xticks(range(len(kinds)), kinds, rotation=30, fontsize=7)
     main.set_ylabel("layer")
