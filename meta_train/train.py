@@ -32,7 +32,7 @@ import zoft
 from zoft.adapters import with_adapters
 from zoft.block_scales import read_block_scales
 from zoft.blocks import collect_blocks
-from zoft.config import AdapterConfig
+from zoft.config import AdapterConfig, command_flags
 from zoft.data import Batches, candidate_token_ids, encode
 from zoft.errors import ZoftError
 from zoft.models import DEFAULT_MODEL, load_model, model_id
@@ -129,6 +129,13 @@ class MetaTrainConfig(AdapterConfig):
         if not 0 <= self.momentum < 1:
             raise ZoftError(f"momentum must be in [0, 1), got {self.momentum}")
         self.check_adapters()
+
+    def unread_fields(self) -> set[str]:
+        """The settings this combination ignores: the card's command leaves them out."""
+        unread = {("momentum", "clip"): self.trajectory == "zo", ("lr_update",): self.objective == "unroll",
+                  ("horizon",): self.objective == "lookahead", ("kernel_order",): self.estimator != "kernel",
+                  ("start",): bool(self.prior)}
+        return {k for keys, ignored in unread.items() if ignored for k in keys} | self.unread_adapter_fields()
 
     def estimator_spec(self) -> dict:
         spec = {"name": self.estimator, "eps": self.eps}
@@ -337,10 +344,7 @@ def _write_card(out: Path, work: Path, cfg: MetaTrainConfig, model):
     from zoft.tuner_heatmap import draw, effective_scales
 
     draw(*effective_scales(out / "tuner.safetensors", model), out / "scales.png", title=out.name)
-    adapters = set(asdict(AdapterConfig()))  # written once, by adapter_flags, and only with peft
-    flags = " ".join([*(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
-                        if v not in (None, "") and k not in ("report_to", "wandb_project", *adapters)),
-                      cfg.adapter_flags()]).strip()
+    flags = command_flags(cfg, skip={"report_to", "wandb_project", *cfg.unread_fields()})
     minutes = records[-1]["seconds"] / 60 if records else 0.0
     per_period = cfg.restart_every // cfg.horizon if unroll else cfg.restart_every  # records per restart period
     periods = [gains[i : i + per_period] for i in range(0, len(gains), per_period)]

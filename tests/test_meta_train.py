@@ -131,6 +131,23 @@ def test_a_zo_trajectory_moves_the_llm_by_the_engines_own_steps(tmp_path, tiny_m
     assert all(r["loss"] != r["trajectory_loss"] for r in zo)  # another batch, and L(θ + εs z)
     card = (tmp_path / "zo" / "README.md").read_text()
     assert "--trajectory zo --meta-batch other" in card and "task's next batch" in card
+    # the card's command lists what the run read: a ZO trajectory has no SGD momentum or clip, a look-ahead no horizon
+    first_order = (tmp_path / "fo" / "README.md").read_text()
+    assert "--momentum 0.8 --clip 1.0" in first_order and "--momentum" not in card and "--clip" not in card
+    assert "--horizon" not in card + first_order and "--kernel-order" not in card and "--peft" not in card
+
+
+def test_the_card_command_names_only_the_adapter_flags_its_peft_reads():
+    from meta_train.train import MetaTrainConfig
+    from zoft.config import command_flags
+
+    lora = MetaTrainConfig(output="x", peft="lora", objective="unroll", trajectory="zo", meta_batch="other", horizon=5,
+                           restart_every=100, steps=600)
+    assert lora.adapter_flags() == "--peft lora --lora-r 8 --lora-alpha 16.0 --lora-dropout 0.0"
+    flags = command_flags(lora, skip=lora.unread_fields())
+    assert "--lora-r 8" in flags and "--prefix-tokens" not in flags and "--horizon 5" in flags
+    assert "--lr-update" not in flags and "--lr-llm 1e-05" in flags
+    assert MetaTrainConfig(output="x", peft="prefix").adapter_flags() == "--peft prefix --prefix-tokens 5"
 
 
 def test_meta_training_changes_the_tuner_writes_a_loadable_artifact_and_resumes(tmp_path, tiny_model_dir):
@@ -205,7 +222,8 @@ def test_a_prior_allocation_is_the_tuners_start_and_its_zeros_stay_held(tmp_path
     assert all(r["sigma_min"] == 0 for r in records)
     path = meta_train(MetaTrainConfig(output=str(tmp_path / "moved"), steps=2, lr_tuner=0.1, **base))
     assert torch.equal(load_tuner(path, blocks)[0].held, prior_sigma == 0)  # meta-training never frees a held block
-    assert "the prior's allocation" in (tmp_path / "moved" / "README.md").read_text()
+    card = (tmp_path / "moved" / "README.md").read_text()
+    assert "the prior's allocation" in card and f"--prior {prior}" in card and "--start" not in card
     with pytest.raises(zoft.ZoftError, match="cannot be combined with --start random"):
         MetaTrainConfig(output="x", prior=str(prior), start="random")
     with pytest.raises(zoft.ZoftError, match="prior file not found"):
@@ -297,7 +315,7 @@ def test_meta_train_with_lora_makes_a_tuner_for_the_adapters_that_only_a_lora_fi
     assert json.loads(meta["meta_train"])["peft"] == "lora"
     card = (out / "README.md").read_text()
     assert "zoft finetune --peft lora --lora-r 4 --lora-alpha 16.0 --lora-dropout 0.0 --tuner" in card
-    assert "--seed 0 --peft lora --lora-r 4" in card  # the command that made it rebuilds the same adapters
+    assert "zoft meta-train --peft lora --lora-r 4" in card  # the command that made it rebuilds the same adapters
     run = ["finetune", "--model", str(tiny_model_dir), "--steps", "2", "--num-train", "8", "--num-dev", "4",
            "--num-test", "4", "--batch-size", "4", "--tuner", str(out), "--output-dir", str(tmp_path / "runs")]
     assert main([*run, "--peft", "lora", "--lora-r", "4"]) == 0

@@ -10,7 +10,7 @@ a run records and what ``zoft compare`` groups by.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 
 import torch
 
@@ -28,6 +28,12 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
 # piece settings the loop fills in itself, never flags: the tuner's path (--tuner), the batch
 # size and horizon (--batch-size, --steps), and what a tuner's header records
 DERIVED = {"path", "batch_size", "total_steps", "dim_rule", "tokens_per_example"}
+
+
+def command_flags(cfg, skip=()) -> str:
+    """The command-line flags that rebuild a config dataclass, less the fields in ``skip`` and
+    the unset ones."""
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if v not in (None, "") and k not in skip)
 
 
 def _check_positive(cfg, *names_):
@@ -82,11 +88,16 @@ class AdapterConfig:
     lora_targets: str = ""
     prefix_tokens: int = 5
 
+    def unread_adapter_fields(self) -> set[str]:
+        """The adapter fields this choice of peft ignores (all of them without peft)."""
+        ignored = {"none": fields(AdapterConfig), "lora": ["prefix_tokens"], "prefix": ["lora_r", "lora_alpha",
+                   "lora_dropout", "lora_targets"]}[self.peft]
+        return {f if isinstance(f, str) else f.name for f in ignored}
+
     def adapter_flags(self) -> str:
         """The command-line flags that rebuild these adapters ('' without peft)."""
-        keys = {"none": [], "lora": ["peft", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"],
-                "prefix": ["peft", "prefix_tokens"]}[self.peft]
-        return " ".join(f"--{k.replace('_', '-')} {getattr(self, k)}" for k in keys if getattr(self, k) != "")
+        adapters = AdapterConfig(**{f.name: getattr(self, f.name) for f in fields(AdapterConfig)})
+        return command_flags(adapters, skip=self.unread_adapter_fields())
 
     def check_adapters(self):
         if self.peft not in ("none", "lora", "prefix"):
