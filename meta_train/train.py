@@ -142,6 +142,16 @@ class MetaTrainConfig(AdapterConfig):
         return {**spec, "kernel_order": self.kernel_order} if self.estimator == "kernel" else spec
 
 
+@dataclass
+class Segment:
+    """One unroll: the batch its loss is taken on, L(θ₀) there, and its steps so far. Segments
+    start on restart boundaries, so a checkpoint never holds one."""
+
+    meta_batch: dict
+    start_loss: float
+    steps: list[UnrollStep] = field(default_factory=list)
+
+
 def _block_stats(blocks) -> torch.Tensor:
     with torch.no_grad():
         return torch.stack([torch.stack([b.param.float().mean(), b.param.float().var()]) for b in blocks])
@@ -240,32 +250,31 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
                 "loss": loss.item() if free else base_loss, "trajectory_loss": loss.item(), "tuner_grad": tuner_grad,
                 "scale": scale}
 
-    segment: list[UnrollStep] = []  # the current unroll's steps
-    segment_start: dict = {}  # its meta batch and L(θ_0) there
+    segment: Segment | None = None  # the current unroll
 
     def unroll_step(step: int, lr_llm: float) -> dict | None:
         """One ZO step of the tuner's own trajectory; at a segment's last step, the tuner's update
         on the K-step meta-gradient of L(θ_K) on a batch the segment did not train on."""
+        nonlocal segment
         task = tasks[(step // cfg.horizon) % len(tasks)]
         loss_fn = task_loss(task)
         if step % cfg.horizon == 0:
-            segment.clear()
             blocks_opt.states["perturbation"] = LearnedState(sigma_prev[task.name], _block_stats(blocks))
             blocks_opt.prev_losses = prev_losses[task.name]
-            segment_start["batch"] = next(streams[task.name])
+            meta_batch = next(streams[task.name])
             with torch.no_grad():
-                segment_start["loss"] = loss_fn(model, segment_start["batch"]).item()
+                segment = Segment(meta_batch, loss_fn(model, meta_batch).item())
         batch = next(streams[task.name])
-        segment.append(recorded_step(blocks_opt, lambda: loss_fn(model, batch), step, lr_llm))
-        if len(segment) < cfg.horizon:
+        segment.steps.append(recorded_step(blocks_opt, lambda: loss_fn(model, batch), step, lr_llm))
+        if len(segment.steps) < cfg.horizon:
             return None
-        surrogate, meta_loss = unrolled_loss(blocks_opt, loss_fn, segment_start["batch"], segment)
+        surrogate, meta_loss = unrolled_loss(blocks_opt, loss_fn, segment.meta_batch, segment.steps)
         tuner_grad = tuner_step(surrogate)
         sigma_prev[task.name] = blocks_opt.states["perturbation"].sigma_prev
         prev_losses[task.name] = blocks_opt.prev_losses
         lp, lm = blocks_opt.last["loss_plus"], blocks_opt.last["loss_minus"]
         return {"task": task.name, "meta_loss": meta_loss, "loss_plus": lp, "loss_minus": lm,
-                "loss": segment_start["loss"], "trajectory_loss": lp, "tuner_grad": tuner_grad,
+                "loss": segment.start_loss, "trajectory_loss": lp, "tuner_grad": tuner_grad,
                 "scale": torch.tensor(blocks_opt.last_scales)}
 
     llm_opt = fresh_llm_optimizer()
