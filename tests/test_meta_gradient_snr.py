@@ -1,0 +1,37 @@
+"""bench/meta_gradient_snr.py: the statistics of segment meta-gradients, on gradients of known mean and noise."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+spec = importlib.util.spec_from_file_location("snr", Path(__file__).parents[1] / "bench" / "meta_gradient_snr.py")
+snr = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(snr)
+
+MEAN = torch.tensor([3.0, 0.0, 0.0, 0.0])  # ‖μ‖² = 9
+NOISE = torch.tensor([1.0, 2.0, 2.0, 2.0])  # tr Σ = 13
+
+
+def draws(gen, m):
+    return MEAN + NOISE * torch.randn(m, 4, generator=gen, dtype=torch.float64)
+
+
+def test_snr_is_the_squared_mean_over_the_noise():
+    s = snr.summary(draws(torch.Generator().manual_seed(0), 20000))
+    assert s["snr"] == pytest.approx(9 / 13, rel=0.05) and s["segments_for_1"] == pytest.approx(13 / 9, rel=0.05)
+    assert s["significant"] == 1 and s["cosine"] > 0.9
+
+
+def test_the_squared_mean_of_few_segments_has_their_noise_taken_out():
+    gen = torch.Generator().manual_seed(1)
+    # ‖ḡ‖² of 4 segments is 9 + 13/4 on average; the estimate is 9
+    estimates = [snr.summary(draws(gen, 4))["signal"] for _ in range(4000)]
+    assert sum(estimates) / len(estimates) == pytest.approx(9, rel=0.05)
+
+
+def test_a_block_counts_as_significant_by_its_standard_error_not_its_spread():
+    gen = torch.Generator().manual_seed(2)
+    grads = torch.tensor([0.5, 0.0]) + torch.randn(400, 2, generator=gen, dtype=torch.float64)
+    assert snr.summary(grads)["significant"] == 1  # 0.5 is 10 standard errors from 0, half a standard deviation
