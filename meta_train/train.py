@@ -78,6 +78,9 @@ class MetaTrainConfig(AdapterConfig):
         "help": "lookahead (the paper's: L after one step, every step) or unroll (L after --horizon steps"
                 " of the tuner's own ZO trajectory, one update per segment; needs --trajectory zo --meta-batch other)"})
     horizon: int = field(default=10, metadata={"help": "unroll: ZO steps per segment"})
+    segments_per_update: int = field(default=1, metadata={
+        "help": "unroll: segments whose meta-gradients are averaged into one tuner update (one segment's is"
+                " mostly noise: bench/meta_gradient_snr.py)"})
     lr_llm: float = 1e-5
     momentum: float = 0.8
     clip: float = 1.0
@@ -118,6 +121,9 @@ class MetaTrainConfig(AdapterConfig):
             if self.horizon < 1 or self.restart_every % self.horizon or self.steps % self.horizon:
                 raise ZoftError(f"horizon must be >= 1 and divide restart-every ({self.restart_every}) and steps"
                                 f" ({self.steps}), got {self.horizon}")
+            if self.segments_per_update < 1 or (self.restart_every // self.horizon) % self.segments_per_update:
+                raise ZoftError(f"segments-per-update must be >= 1 and divide the {self.restart_every // self.horizon}"
+                                f" segments of a restart period, got {self.segments_per_update}")
         if self.start not in ("isotropic", "random"):
             raise ZoftError(f"start must be isotropic or random, got {self.start!r}")
         if self.prior and self.start != "isotropic":
@@ -133,7 +139,7 @@ class MetaTrainConfig(AdapterConfig):
     def unread_fields(self) -> set[str]:
         """The settings this combination ignores: the card's command leaves them out."""
         unread = {("momentum", "clip"): self.trajectory == "zo", ("lr_update",): self.objective == "unroll",
-                  ("horizon",): self.objective == "lookahead", ("kernel_order",): self.estimator != "kernel",
+                  ("horizon", "segments_per_update"): self.objective == "lookahead", ("kernel_order",): self.estimator != "kernel",
                   ("start",): bool(self.prior)}
         return {k for keys, ignored in unread.items() if ignored for k in keys} | self.unread_adapter_fields()
 
@@ -208,11 +214,14 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
     def task_loss(task):
         return lambda m, b: classification_loss(m, b, candidates[task.name], train_loss=task.train_loss)
 
-    def tuner_step(meta: torch.Tensor) -> float:
-        tuner_opt.zero_grad(set_to_none=True)
-        meta.backward()
+    def tuner_step(meta: torch.Tensor, share: float = 1.0, update: bool = True) -> float | None:
+        """Adds ``share`` of the meta-gradient to the tuner's; steps on the sum when ``update``."""
+        (meta * share).backward()
+        if not update:
+            return None
         grad_norm = torch.cat([p.grad.flatten() for p in learned.net.parameters()]).norm().item()
         tuner_opt.step()
+        tuner_opt.zero_grad(set_to_none=True)
         return grad_norm
 
     def lookahead_step(step: int, lr_llm: float) -> dict:
@@ -269,7 +278,8 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
         if len(segment.steps) < cfg.horizon:
             return None
         surrogate, meta_loss = unrolled_loss(blocks_opt, loss_fn, segment.meta_batch, segment.steps)
-        tuner_grad = tuner_step(surrogate)
+        last_of_group = (step // cfg.horizon + 1) % cfg.segments_per_update == 0  # groups end on restart boundaries
+        tuner_grad = tuner_step(surrogate, 1 / cfg.segments_per_update, update=last_of_group)
         sigma_prev[task.name] = blocks_opt.states["perturbation"].sigma_prev
         prev_losses[task.name] = blocks_opt.prev_losses
         lp, lm = blocks_opt.last["loss_plus"], blocks_opt.last["loss_minus"]

@@ -137,6 +137,32 @@ def test_a_zo_trajectory_moves_the_llm_by_the_engines_own_steps(tmp_path, tiny_m
     assert "--horizon" not in card + first_order and "--kernel-order" not in card and "--peft" not in card
 
 
+def test_segments_per_update_steps_the_tuner_once_on_the_mean_of_that_many_segments(tmp_path, tiny_model_dir,
+                                                                                  monkeypatch):
+    from meta_train.train import MetaTrainConfig, meta_train
+
+    updates = []
+    real = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        updates.append([p.grad.clone() for p in self.param_groups[0]["params"]])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    # lr-tuner ~0: the tuner does not move, so both runs see the same segments
+    base = dict(model=str(tiny_model_dir), tasks="tweets", restart_every=4, batch_size=4, num_train=16, lr_llm=1e-2,
+                trajectory="zo", meta_batch="other", objective="unroll", horizon=2, steps=4, lr_tuner=1e-12)
+    meta_train(MetaTrainConfig(output=str(tmp_path / "each"), **base))
+    assert len(updates) == 2
+    each, updates[:] = list(updates), []
+    meta_train(MetaTrainConfig(output=str(tmp_path / "pair"), segments_per_update=2, **base))
+    assert len(updates) == 1
+    for got, a, b in zip(updates[0], *each):
+        torch.testing.assert_close(got, (a + b) / 2, rtol=1e-4, atol=1e-9)
+    with pytest.raises(zoft.ZoftError, match="segments-per-update must be >= 1 and divide the 2 segments"):
+        MetaTrainConfig(output="x", **{**base, "segments_per_update": 3})
+
+
 def test_the_card_command_names_only_the_adapter_flags_its_peft_reads():
     from meta_train.train import MetaTrainConfig
     from zoft.config import command_flags
@@ -253,7 +279,10 @@ def test_zoft_never_imports_meta_train():
 
 @pytest.mark.parametrize("how", [{}, {"trajectory": "zo", "meta_batch": "other", "lr_llm": 1e-2},
                                  {"trajectory": "zo", "meta_batch": "other", "lr_llm": 1e-2, "objective": "unroll",
-                                  "horizon": 3, "restart_every": 6}], ids=["first-order", "zo", "unroll"])
+                                  "horizon": 3, "restart_every": 6},
+                                 {"trajectory": "zo", "meta_batch": "other", "lr_llm": 1e-2, "objective": "unroll",
+                                  "horizon": 3, "restart_every": 6, "segments_per_update": 2}],
+                         ids=["first-order", "zo", "unroll", "unroll-2-segments-per-update"])
 def test_meta_train_kill_9_then_resume_writes_the_same_tuner_bit_for_bit(tmp_path, tiny_model_dir, how):
     import sys
 
