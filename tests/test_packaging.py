@@ -13,7 +13,7 @@ def test_wheel_ships_the_tuners_and_an_install_finds_them(tmp_path):
                     "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("zoft-*.whl")
     shipped = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("pretrained_tuners/*/tuner.safetensors"))
-    allocations = {f"zoft/{p.relative_to(ROOT).as_posix()}" for p in ROOT.glob("pretrained_tuners/*/allocation.safetensors")}
+    allocations = {f"zoft/{p.relative_to(ROOT).as_posix()}" for p in ROOT.glob("pretrained_tuners/*/allocation*.safetensors")}
     assert shipped, "the repository ships no tuner"
     with zipfile.ZipFile(wheel) as z:
         assert {f"zoft/{p}" for p in shipped} | allocations <= set(z.namelist())
