@@ -24,8 +24,8 @@ import torch
 
 import zoft.updates
 from meta_train.outer import recorded_step, unrolled_loss
+from meta_train.train import initial_tuner
 from zoft.adapters import with_adapters
-from zoft.block_scales import read_block_scales
 from zoft.blocks import collect_blocks
 from zoft.config import AdapterConfig
 from zoft.data import Batches, candidate_token_ids, encode
@@ -35,7 +35,6 @@ from zoft.perturbations import LearnedScale, LearnedScaleConfig
 from zoft.rng import derive
 from zoft.scoring import classification_loss
 from zoft.tasks import get_task, sample_splits
-from zoft.tuner import BlockMLPs
 
 
 def segment_gradients(opt, net, loss_fn, stream, horizon: int, segments: int, lr: float):
@@ -92,12 +91,7 @@ def main(argv=None):
     model = with_adapters(model, AdapterConfig(peft=args.peft), args.seed)
     blocks = collect_blocks(model)
     initial = [b.param.detach().clone() for b in blocks]
-    if args.prior:
-        sigma = torch.tensor(read_block_scales(args.prior, blocks, args.batch_size))
-        net = BlockMLPs(len(blocks), seed=args.seed, start="random", held=sigma == 0)
-        net.start_at(sigma)
-    else:
-        net = BlockMLPs(len(blocks), seed=args.seed, start="isotropic")
+    net = initial_tuner(blocks, args.seed, prior=args.prior, batch_size=args.batch_size)  # meta-train's start
     learned = LearnedScale(LearnedScaleConfig(batch_size=args.batch_size), net=net)
     estimator, _, _ = make_parts({"name": "spsa", "eps": args.eps}, {"name": "isotropic"}, {"name": "sgd"})
     opt = ZOOptimizer(model, estimator, learned, zoft.updates.SGD(zoft.updates.SGDConfig()), seed=args.seed)

@@ -163,11 +163,13 @@ def _block_stats(blocks) -> torch.Tensor:
         return torch.stack([torch.stack([b.param.float().mean(), b.param.float().var()]) for b in blocks])
 
 
-def _initial_tuner(cfg: MetaTrainConfig, blocks) -> BlockMLPs:
-    if not cfg.prior:
-        return BlockMLPs(len(blocks), seed=cfg.seed, start=cfg.start)
-    sigma = torch.tensor(read_block_scales(cfg.prior, blocks, cfg.batch_size))
-    net = BlockMLPs(len(blocks), seed=cfg.seed, start="random", held=sigma == 0)
+def initial_tuner(blocks, seed: int = 0, start: str = "isotropic", prior: str = "", batch_size: int = 16) -> BlockMLPs:
+    """The tuner meta-training starts from: ``start``'s, or a prior allocation's scales with its
+    held blocks held."""
+    if not prior:
+        return BlockMLPs(len(blocks), seed=seed, start=start)
+    sigma = torch.tensor(read_block_scales(prior, blocks, batch_size))
+    net = BlockMLPs(len(blocks), seed=seed, start="random", held=sigma == 0)
     net.start_at(sigma)
     return net
 
@@ -187,7 +189,7 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
         candidates[task.name] = candidate_token_ids(task, tokenizer)
 
     learned = LearnedScale(LearnedScaleConfig(dim_rule=cfg.dim_rule, batch_size=cfg.batch_size),
-                           net=_initial_tuner(cfg, collect_blocks(model)))
+                           net=initial_tuner(collect_blocks(model), cfg.seed, cfg.start, cfg.prior, cfg.batch_size))
     # the fine-tuning machinery (blocks, noise, hooks, estimator) that the tuner is fitted to
     blocks_opt = ZOOptimizer(model, estimator, learned, zoft.updates.SGD(zoft.updates.SGDConfig()), seed=cfg.seed)
     blocks = blocks_opt.blocks
