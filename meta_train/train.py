@@ -138,8 +138,10 @@ class MetaTrainConfig(AdapterConfig):
 
     def unread_fields(self) -> set[str]:
         """The settings this combination ignores: the card's command leaves them out."""
-        unread = {("momentum", "clip"): self.trajectory == "zo", ("lr_update",): self.objective == "unroll",
-                  ("horizon", "segments_per_update"): self.objective == "lookahead", ("kernel_order",): self.estimator != "kernel",
+        unread = {("momentum", "clip"): self.trajectory == "zo",
+                  ("lr_update",): self.objective == "unroll",
+                  ("horizon", "segments_per_update"): self.objective == "lookahead",
+                  ("kernel_order",): self.estimator != "kernel",
                   ("start",): bool(self.prior)}
         return {k for keys, ignored in unread.items() if ignored for k in keys} | self.unread_adapter_fields()
 

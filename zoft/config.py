@@ -90,9 +90,9 @@ class AdapterConfig:
 
     def unread_adapter_fields(self) -> set[str]:
         """The adapter fields this choice of peft ignores (all of them without peft)."""
-        ignored = {"none": fields(AdapterConfig), "lora": ["prefix_tokens"], "prefix": ["lora_r", "lora_alpha",
-                   "lora_dropout", "lora_targets"]}[self.peft]
-        return {f if isinstance(f, str) else f.name for f in ignored}
+        read = {"none": set(), "lora": {"peft", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"},
+                "prefix": {"peft", "prefix_tokens"}}[self.peft]
+        return {f.name for f in fields(AdapterConfig)} - read
 
     def adapter_flags(self) -> str:
         """The command-line flags that rebuild these adapters ('' without peft)."""
