@@ -110,8 +110,10 @@ def test_best_dev_restore_rebuilds_the_selected_weights(arch, model_dirs):
 
 
 MODES = {"full": [], "lora": ["--peft", "lora"], "prefix": ["--peft", "prefix"], "kernel": ["--estimator", "kernel"]}
-# where peft itself cannot run the mode; zoft stops with one line instead of a traceback
-EXPECTED_STOPS = {("falcon", "prefix")}
+# where peft cannot run the mode with some transformers versions, zoft stops with one line instead
+# of a traceback (Falcon prefix: a shape mismatch inside the attention with transformers 5.24; it
+# runs with 5.25)
+MAY_STOP = {("falcon", "prefix")}
 
 
 @pytest.fixture
@@ -136,9 +138,9 @@ def test_a_few_steps_in_every_mode_pass_or_stop_in_one_line(arch, mode, model_di
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert not [w for w in caught if "active dropout" in str(w.message)]  # eval mode kept, adapters too
-    if (arch, mode) in EXPECTED_STOPS:
+    if code == 2 and (arch, mode) in MAY_STOP:
         lines = [x for x in err.splitlines() if x.startswith("zoft: error:")]
-        assert code == 2 and len(lines) == 1, err
+        assert len(lines) == 1, err
         assert not list(tmp_path.iterdir())
     else:
         assert code == 0, err
