@@ -39,7 +39,9 @@ def _same_run(a: Path, b: Path):
 def _kill_at_random_step(cmd, folder: Path, steps: int, seed: int, marker='"train/loss"', log="metrics.jsonl") -> int:
     """Start ``cmd``, SIGKILL it once its log in ``folder`` shows a random step in [3, steps / 2]."""
     target = random.Random(seed).randint(3, steps // 2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the same thread count as this process, which runs the straight and resumed halves: a CPU
+    # matmul's reduction order, and so its last bits, depend on it
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics, deadline = folder / log, time.time() + 120
     while time.time() < deadline and proc.poll() is None:
