@@ -24,17 +24,14 @@ import torch
 
 import zoft.updates
 from meta_train.outer import recorded_step, unrolled_loss
-from meta_train.train import initial_tuner
+from meta_train.train import initial_tuner, task_data
 from zoft.adapters import with_adapters
 from zoft.blocks import collect_blocks
 from zoft.config import AdapterConfig
-from zoft.data import Batches, candidate_token_ids, encode
 from zoft.models import DEFAULT_MODEL, load_model
 from zoft.optimizer import ZOOptimizer, make_parts
 from zoft.perturbations import LearnedScale, LearnedScaleConfig
-from zoft.rng import derive
-from zoft.scoring import classification_loss
-from zoft.tasks import get_task, sample_splits
+from zoft.tasks import get_task
 
 
 def segment_gradients(opt, net, loss_fn, stream, horizon: int, segments: int, lr: float):
@@ -104,11 +101,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|")
     for i, name in enumerate(t.strip() for t in args.tasks.split(",")):
         task = get_task(name)
-        splits = sample_splits(task, args.data_dir, 1000, 1, 1, args.seed)
-        stream = Batches(encode(task, splits.train, tokenizer, 256), args.batch_size, derive(args.seed, i),
-                         tokenizer.pad_token_id)
-        candidates = candidate_token_ids(task, tokenizer)
-        loss_fn = lambda m, b: classification_loss(m, b, candidates, train_loss=task.train_loss)  # noqa: E731
+        stream, loss_fn = task_data(task, tokenizer, args.data_dir, 1000, 256, args.batch_size, args.seed, i)
         with torch.no_grad():
             for b, p0 in zip(blocks, initial):
                 b.param.copy_(p0)

@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -176,19 +177,26 @@ def initial_tuner(blocks, seed: int = 0, start: str = "isotropic", prior: str = 
     return net
 
 
+def task_data(task, tokenizer, data_dir: str, num_train: int, max_length: int, batch_size: int, seed: int,
+              index: int) -> tuple[Batches, Callable]:
+    """The ``index``-th meta-training task's endless train batches and its loss ``(model, batch) -> loss``."""
+    splits = sample_splits(task, data_dir, num_train, 1, 1, seed)
+    stream = Batches(encode(task, splits.train, tokenizer, max_length), batch_size, derive(seed, index),
+                     tokenizer.pad_token_id)
+    candidates = candidate_token_ids(task, tokenizer)
+    return stream, lambda model, batch: classification_loss(model, batch, candidates, train_loss=task.train_loss)
+
+
 def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
     out = Path(cfg.output)
     estimator, _, _ = make_parts(cfg.estimator_spec(), {"name": "isotropic"}, {"name": "sgd"})
     tasks = [get_task(t.strip()) for t in cfg.tasks.split(",") if t.strip()]
     model, tokenizer = load_model(cfg.model)
     model = with_adapters(model, cfg, cfg.seed)  # a tuner for adapters: its blocks are the ones --peft fine-tunes
-    pad = tokenizer.pad_token_id
-    streams, candidates = {}, {}
+    streams, losses = {}, {}
     for i, task in enumerate(tasks):
-        splits = sample_splits(task, cfg.data_dir, cfg.num_train, 1, 1, cfg.seed)
-        streams[task.name] = Batches(encode(task, splits.train, tokenizer, cfg.max_length), cfg.batch_size,
-                                     derive(cfg.seed, i), pad)
-        candidates[task.name] = candidate_token_ids(task, tokenizer)
+        streams[task.name], losses[task.name] = task_data(task, tokenizer, cfg.data_dir, cfg.num_train, cfg.max_length,
+                                                          cfg.batch_size, cfg.seed, i)
 
     learned = LearnedScale(LearnedScaleConfig(dim_rule=cfg.dim_rule, batch_size=cfg.batch_size),
                            net=initial_tuner(collect_blocks(model), cfg.seed, cfg.start, cfg.prior, cfg.batch_size))
@@ -215,9 +223,6 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
     def fresh_llm_optimizer():
         return torch.optim.SGD([b.param for b in blocks], lr=cfg.lr_llm, momentum=cfg.momentum)
 
-    def task_loss(task):
-        return lambda m, b: classification_loss(m, b, candidates[task.name], train_loss=task.train_loss)
-
     def tuner_step(meta: torch.Tensor, share: float = 1.0, update: bool = True) -> float | None:
         """Adds ``share`` of the meta-gradient to the tuner's; steps on the sum when ``update``."""
         (meta * share).backward()
@@ -230,7 +235,7 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
 
     def lookahead_step(step: int, lr_llm: float) -> dict:
         task = tasks[step % len(tasks)]
-        loss_fn = task_loss(task)
+        loss_fn = losses[task.name]
         batch = next(streams[task.name])
         meta_batch = next(streams[task.name]) if cfg.meta_batch == "other" else batch
         state = LearnedState(sigma_prev[task.name], _block_stats(blocks))
@@ -270,7 +275,7 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
         on the K-step meta-gradient of L(θ_K) on a batch the segment did not train on."""
         nonlocal segment
         task = tasks[(step // cfg.horizon) % len(tasks)]
-        loss_fn = task_loss(task)
+        loss_fn = losses[task.name]
         if step % cfg.horizon == 0:
             blocks_opt.states["perturbation"] = LearnedState(sigma_prev[task.name], _block_stats(blocks))
             blocks_opt.prev_losses = prev_losses[task.name]
