@@ -128,3 +128,38 @@ def test_a_masked_allocation_is_computed_on_the_weights_the_mask_keeps(tmp_path,
     assert note["mask"] == {"fraction": 0.2, "keep": "largest"}
     ratio = sigmas["masked"] / sigmas["full"]
     assert ratio.max() > 1.05 * ratio.min()  # a different split between blocks, not a rescaling
+
+
+def test_scales_file_auto_reads_the_allocation_shipped_for_these_blocks_and_records_it(tmp_path, tiny_model_dir,
+                                                                                        capsys, monkeypatch):
+    import zoft.block_scales
+    from tests.conftest import tiny_llama
+    from zoft.block_scales import save_block_scales
+    from zoft.blocks import collect_blocks
+
+    run = ["finetune", "--model", str(tiny_model_dir), "--steps", "2", "--num-train", "8", "--num-dev", "4",
+           "--num-test", "4", "--batch-size", "4", "--perturbation", "block_scales", "--scales-file", "auto",
+           "--output-dir", str(tmp_path / "runs")]
+    assert main([*run, "--run-name", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "no allocation ships for this model" in err and err.count("zoft: error:") == 1
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+    # same block names, other shapes (a larger vocabulary): not this model's, for auto nor by path
+    foreign = tmp_path / "a" / "allocation.safetensors"
+    foreign.parent.mkdir()
+    other = collect_blocks(tiny_llama(vocab=80))
+    save_block_scales(foreign, other, torch.linspace(0.5, 2, len(other)))
+    ours = tmp_path / "b" / "allocation-full.safetensors"
+    ours.parent.mkdir()
+    blocks = collect_blocks(load_model(str(tiny_model_dir))[0])
+    assert [b.name for b in blocks] == [b.name for b in other]
+    save_block_scales(ours, blocks, torch.linspace(0.5, 2, len(blocks)))
+    monkeypatch.setattr(zoft.block_scales, "shipped_tuners", lambda pattern: [foreign, ours])
+    assert main([*run, "--run-name", "auto"]) == 0
+    assert f"scales: {ours}" in capsys.readouterr().err
+    config = json.loads((tmp_path / "runs" / "auto" / "config.json").read_text())
+    assert config["method"]["perturbation"]["scales_file"] == str(ours)  # a resume reads the same file
+    by_path = [*run[:-3], str(foreign), *run[-2:]]
+    assert main([*by_path, "--run-name", "foreign"]) == 2
+    assert "made for other blocks" in capsys.readouterr().err

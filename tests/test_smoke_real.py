@@ -39,3 +39,10 @@ def test_real_model_exact_restore_and_short_finetune(tmp_path, capsys):
                  "--num-dev", "16", "--num-test", "16", "--output-dir", str(tmp_path), "--run-name", "probe"])
     assert code == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "probe" / "summary.json").read_text())["forward_passes"] == 2 + 2
+
+    # the allocation shipped for ZO-LoRA on this model: --scales-file auto finds it by the adapters' layout
+    code = main(["finetune", "--peft", "lora", "--perturbation", "block_scales", "--scales-file", "auto", "--lr", "5e-3",
+                 "--eps", "1e-2", "--steps", "1", "--eval-every", "1", "--num-train", "16", "--num-dev", "16",
+                 "--num-test", "16", "--output-dir", str(tmp_path), "--run-name", "lora"])
+    assert code == 0, capsys.readouterr().err
+    assert "allocation-lora.safetensors" in capsys.readouterr().err

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from zoft.errors import ZoftError
 from zoft.perturbations import Isotropic, LearnedScale, LearnedScaleConfig
 from zoft.registry import register
+from zoft.tuner import fingerprint, shipped_tuners
 
 
 @dataclass
 class BlockScalesConfig:
-    scales_file: str = field(default="", metadata={"help": "block_scales: safetensors file with sigma [num_blocks]"})
+    scales_file: str = field(default="", metadata={
+        "help": "block_scales: safetensors file with sigma [num_blocks], or auto (the allocation shipped for these blocks)"})
     batch_size: int = 16  # the fine-tune's, for the effective dimension of an embedding
 
     def __post_init__(self):
@@ -32,19 +35,47 @@ def save_block_scales(path, blocks, sigma: torch.Tensor, note: str = ""):
     from safetensors.torch import save_file
 
     save_file({"sigma": sigma.double().contiguous()}, str(path),
-              metadata={"blocks": json.dumps([b.name for b in blocks]), "note": note})
+              metadata={"blocks": json.dumps([b.name for b in blocks]), "fingerprint": fingerprint(blocks), "note": note})
+
+
+def _read(path) -> tuple[dict, torch.Tensor]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata(), f.get_tensor("sigma")
+    except Exception as e:
+        raise ZoftError(f"cannot read block scales {path}: {e}") from None
+
+
+def find_shipped_allocation(blocks) -> Path | None:
+    """The shipped allocation (pretrained_tuners/*/allocation*.safetensors) made for exactly these
+    blocks, names and shapes: one for the full model, one for its LoRA adapters."""
+    want = fingerprint(blocks)
+    return next((p for p in shipped_tuners("allocation*.safetensors") if _read(p)[0].get("fingerprint") == want), None)
+
+
+def resolve_scales_file(choice: str, blocks) -> str:
+    """``auto``: the shipped allocation for these blocks (an error when none is); else the path."""
+    if choice != "auto":
+        return choice
+    found = find_shipped_allocation(blocks)
+    if found is None:
+        raise ZoftError("--scales-file auto: no allocation ships for this model with these blocks "
+                        "(make one with zoft meta-allocate)")
+    return str(found)
 
 
 def read_block_scales(path: str, blocks, batch_size: int) -> list[float]:
     """σ [num_blocks] from a block_scales file, checked against the blocks and normalised."""
-    from safetensors import safe_open
-
+    meta, sigma = _read(path)
     try:
-        with safe_open(path, framework="pt") as f:
-            names, sigma = json.loads(f.metadata()["blocks"]), f.get_tensor("sigma")
-    except Exception as e:
-        raise ZoftError(f"cannot read block scales {path}: {e}") from None
-    if names != [b.name for b in blocks]:
+        names = json.loads(meta["blocks"])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise ZoftError(f"cannot read block scales {path}: its header has no block list") from None
+    # the names alone match every model of one family and depth; the shapes (files written since
+    # carry them) tell the models apart
+    if names != [b.name for b in blocks] or meta.get("fingerprint", fingerprint(blocks)) != fingerprint(blocks):
         raise ZoftError(f"{path} was made for other blocks than this model's")
     normaliser = LearnedScale(LearnedScaleConfig(batch_size=batch_size), net=torch.nn.Identity())
     normaliser.dims = torch.tensor([normaliser._dim(b) for b in blocks], dtype=torch.float64)
@@ -56,7 +87,7 @@ class BlockScales(Isotropic):
     name = "block_scales"
 
     def init(self, blocks):
-        self.sigma = read_block_scales(self.cfg.scales_file, blocks, self.cfg.batch_size)
+        self.sigma = read_block_scales(resolve_scales_file(self.cfg.scales_file, blocks), blocks, self.cfg.batch_size)
         return None
 
     def scales(self, blocks, state, **context):

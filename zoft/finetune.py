@@ -150,6 +150,15 @@ def _resolve_tuner(choice: str, model) -> str | None:
     return str(found) if found else None
 
 
+def _resolve_scales_file(model) -> str:
+    from zoft.block_scales import resolve_scales_file
+    from zoft.blocks import collect_blocks
+
+    path = resolve_scales_file("auto", collect_blocks(model))
+    print(f"scales: {path}", file=sys.stderr)
+    return path
+
+
 def _warn_if_other_eps(tuner_path: str, method: dict):
     """A tuner's scales fit the eps it was meta-trained at: it moves the perturbation onto a few
     blocks, and a larger eps takes those out of the linear regime (the shipped SmolLM2 tuner on
@@ -252,6 +261,8 @@ def _setup(cfg, task, splits, folder: RunFolder, group: distributed.Group) -> Se
     encoded = [encode(task, part, tokenizer, cfg.max_length) for part in (splits.train, splits.dev, splits.test)]
     head_items, encoded[0] = head_split(encoded[0], cfg)
     tuner_path = _resolve_tuner(cfg.tuner, model)
+    if cfg.scales_file == "auto":  # the run records the file it read, so a resume or replay reads it again
+        cfg = replace(cfg, scales_file=_resolve_scales_file(model))
     method = cfg.method(tuner_path)
     if tuner_path:
         _warn_if_other_eps(tuner_path, method)

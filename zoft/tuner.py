@@ -193,12 +193,12 @@ def summarise_scales(blocks, scales) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
-def shipped_tuners() -> list[Path]:
-    """The tuners in pretrained_tuners/: beside the package in an install (the wheel puts them
-    there), at the repository root in a source checkout."""
+def shipped_tuners(pattern: str = "tuner.safetensors") -> list[Path]:
+    """The files named ``pattern`` in pretrained_tuners/*/: beside the package in an install (the
+    wheel puts them there), at the repository root in a source checkout."""
     here = Path(__file__).resolve().parent
     return sorted(p for root in (here / "pretrained_tuners", here.parent / "pretrained_tuners")
-                  for p in root.glob("*/tuner.safetensors"))
+                  for p in root.glob(f"*/{pattern}"))
 
 
 def find_shipped(blocks) -> Path | None:
