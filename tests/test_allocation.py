@@ -158,6 +158,8 @@ def test_scales_file_auto_reads_the_allocation_shipped_for_these_blocks_and_reco
     monkeypatch.setattr(zoft.block_scales, "shipped_tuners", lambda pattern: [foreign, ours])
     assert main([*run, "--run-name", "auto"]) == 0
     assert f"scales: {ours}" in capsys.readouterr().err
+    assert main([*run[:-6], *run[-2:], "--tuner", "auto", "--run-name", "tuner"]) == 0  # a hint, not a silent isotropic run
+    assert f"isotropic (--perturbation block_scales --scales-file auto reads the allocation {ours}" in capsys.readouterr().err
     config = json.loads((tmp_path / "runs" / "auto" / "config.json").read_text())
     assert config["method"]["perturbation"]["scales_file"] == str(ours)  # a resume reads the same file
     by_path = [*run[:-3], str(foreign), *run[-2:]]

@@ -148,7 +148,7 @@ def test_finetune_with_a_tuner_file_and_its_errors(tmp_path, tiny_model_dir, cap
         assert message in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["t", "t1", "t2"]
     assert main([*args, "--tuner", "auto", "--run-name", "a"]) == 0
-    assert "tuner: none shipped for this model; isotropic" in capsys.readouterr().err
+    assert "tuner: none shipped for these blocks; isotropic\n" in capsys.readouterr().err
 
 
 def test_tuner_heatmap_draws_layer_by_module_type(tmp_path, tiny_model_dir, capsys):

@@ -141,13 +141,19 @@ def _resolve_tuner(choice: str, model) -> str | None:
         return None
     if choice != "auto":
         return choice
+    from zoft.block_scales import find_shipped_allocation
     from zoft.blocks import collect_blocks
     from zoft.tuner import find_shipped
 
-    found = find_shipped(collect_blocks(model))
-    print(f"tuner: {found.parent.name}" if found else "tuner: none shipped for this model; isotropic",
-          file=sys.stderr)
-    return str(found) if found else None
+    blocks = collect_blocks(model)
+    found = find_shipped(blocks)
+    if found:
+        print(f"tuner: {found.parent.name}", file=sys.stderr)
+        return str(found)
+    allocation = find_shipped_allocation(blocks)  # e.g. for --peft lora, whose blocks no tuner is made for
+    hint = f" (--perturbation block_scales --scales-file auto reads the allocation {allocation} made for them)" if allocation else ""
+    print(f"tuner: none shipped for these blocks; isotropic{hint}", file=sys.stderr)
+    return None
 
 
 def _resolve_scales_file(model) -> str:
