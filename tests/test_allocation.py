@@ -165,3 +165,27 @@ def test_scales_file_auto_reads_the_allocation_shipped_for_these_blocks_and_reco
     by_path = [*run[:-3], str(foreign), *run[-2:]]
     assert main([*by_path, "--run-name", "foreign"]) == 2
     assert "made for other blocks" in capsys.readouterr().err
+
+
+def test_a_truncated_headerless_or_misshapen_scales_file_is_one_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    import zoft
+    from tests.conftest import tiny_llama
+    from zoft.block_scales import read_block_scales, save_block_scales
+    from zoft.blocks import collect_blocks
+
+    blocks = collect_blocks(tiny_llama())
+    good = tmp_path / "good.safetensors"
+    save_block_scales(good, blocks, torch.linspace(0.5, 2, len(blocks)))
+    assert len(read_block_scales(str(good), blocks, 4)) == len(blocks)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-20])
+    headerless = tmp_path / "headerless.safetensors"
+    save_file({"sigma": torch.ones(len(blocks), dtype=torch.float64)}, str(headerless))
+    short = tmp_path / "short.safetensors"
+    save_block_scales(short, blocks, torch.ones(len(blocks) - 1))
+    for path, message in [(truncated, "cannot read block scales"), (headerless, "no block list"),
+                          (short, f"not one value per block \\({len(blocks)}\\)"), (tmp_path / "none", "cannot read")]:
+        with pytest.raises(zoft.ZoftError, match=message):
+            read_block_scales(str(path), blocks, 4)

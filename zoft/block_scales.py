@@ -52,7 +52,8 @@ def find_shipped_allocation(blocks) -> Path | None:
     """The shipped allocation (pretrained_tuners/*/allocation*.safetensors) made for exactly these
     blocks, names and shapes: one for the full model, one for its LoRA adapters."""
     want = fingerprint(blocks)
-    return next((p for p in shipped_tuners("allocation*.safetensors") if _read(p)[0].get("fingerprint") == want), None)
+    return next((p for p in shipped_tuners("allocation*.safetensors") if (_read(p)[0] or {}).get("fingerprint") == want),
+                None)
 
 
 def resolve_scales_file(choice: str, blocks) -> str:
@@ -77,6 +78,8 @@ def read_block_scales(path: str, blocks, batch_size: int) -> list[float]:
     # carry them) tell the models apart
     if names != [b.name for b in blocks] or meta.get("fingerprint", fingerprint(blocks)) != fingerprint(blocks):
         raise ZoftError(f"{path} was made for other blocks than this model's")
+    if sigma.shape != (len(blocks),):
+        raise ZoftError(f"{path}: sigma has shape {list(sigma.shape)}, not one value per block ({len(blocks)})")
     normaliser = LearnedScale(LearnedScaleConfig(batch_size=batch_size), net=torch.nn.Identity())
     normaliser.dims = torch.tensor([normaliser._dim(b) for b in blocks], dtype=torch.float64)
     return normaliser.normalised(sigma).tolist()
