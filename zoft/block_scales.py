@@ -68,7 +68,8 @@ def resolve_scales_file(choice: str, blocks) -> str:
 
 
 def read_block_scales(path: str, blocks, batch_size: int) -> list[float]:
-    """σ [num_blocks] from a block_scales file, checked against the blocks and normalised."""
+    """σ [num_blocks] from a block_scales file (or ``auto``), checked against the blocks and normalised."""
+    path = resolve_scales_file(path, blocks)
     meta, sigma = _read(path)
     try:
         names = json.loads(meta["blocks"])
@@ -90,7 +91,7 @@ class BlockScales(Isotropic):
     name = "block_scales"
 
     def init(self, blocks):
-        self.sigma = read_block_scales(resolve_scales_file(self.cfg.scales_file, blocks), blocks, self.cfg.batch_size)
+        self.sigma = read_block_scales(self.cfg.scales_file, blocks, self.cfg.batch_size)
         return None
 
     def scales(self, blocks, state, **context):

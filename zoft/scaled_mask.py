@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zoft.block_scales import BlockScalesConfig, read_block_scales, resolve_scales_file
+from zoft.block_scales import BlockScalesConfig, read_block_scales
 from zoft.magnitude_mask import MagnitudeMask, MagnitudeMaskConfig
 from zoft.registry import register
 
@@ -23,7 +23,7 @@ class ScaledMask(MagnitudeMask):
     name = "scaled_mask"
 
     def init(self, blocks):
-        self.sigma = read_block_scales(resolve_scales_file(self.cfg.scales_file, blocks), blocks, self.cfg.batch_size)
+        self.sigma = read_block_scales(self.cfg.scales_file, blocks, self.cfg.batch_size)
         return super().init(blocks)
 
     def scales(self, blocks, state, **context):
