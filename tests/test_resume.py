@@ -102,3 +102,23 @@ def test_replay_rebuilds_the_saved_model_bit_for_bit(tmp_path, tiny_model_dir, c
     assert any(not torch.equal(base[k], tuned[k]) for k in base if k in tuned) == (summary["selected_step"] > 0)
     assert main(["replay", str(tmp_path / "r"), "--out", str(tmp_path / "replayed")]) == 2
     assert "output already exists" in capsys.readouterr().err
+
+
+def test_a_run_rebuilds_at_any_step_of_its_trajectory(tmp_path, tiny_model_dir):
+    """rebuilt_model(run, k): the weights after k steps, the same as a shorter run of the same seed."""
+    from zoft.errors import ZoftError
+    from zoft.finetune import rebuilt_model
+
+    for name, steps in (("long", 9), ("short", 5)):
+        assert main(_args(tiny_model_dir, tmp_path, name, steps)) == 0
+
+    def weights(run, step):
+        model = rebuilt_model(tmp_path / run, step)[0]
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    at_5 = weights("long", 5)
+    assert all(torch.equal(at_5[k], v) for k, v in weights("short", 5).items())
+    for other in (weights("long", 4), weights("long", 9)):
+        assert any(not torch.equal(at_5[k], v) for k, v in other.items())
+    with pytest.raises(ZoftError, match="recorded 9 steps, not 10"):
+        rebuilt_model(tmp_path / "long", 10)

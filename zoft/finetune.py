@@ -624,27 +624,38 @@ def recorded_optimizer(model, meta: dict, cfg: FinetuneConfig, path) -> ZOOptimi
     return opt
 
 
-def replay_run(run_dir, out) -> Path:
-    """Rebuild a run's selected model from the base model and its trajectory.safetensors, into
-    ``out``: the same files as ``--save-model`` writes."""
-    run_dir, out = Path(run_dir), Path(out)
-    if out.exists():
-        raise ZoftError(f"output already exists: {out}")
+def rebuilt_model(run_dir, step: int | None = None):
+    """(model, tokenizer, cfg, method) of a finished run after its first ``step`` steps (its
+    selected model by default), rebuilt from the base model and its trajectory.safetensors."""
+    run_dir = Path(run_dir)
     try:
         config = json.loads((run_dir / "config.json").read_text())
         selected = json.loads((run_dir / "summary.json").read_text())["selected_step"]
     except (OSError, json.JSONDecodeError, KeyError) as e:
         raise ZoftError(f"{run_dir} is not a complete run directory ({type(e).__name__}: {e})") from None
     steps, meta = trajectory.read(run_dir / "trajectory.safetensors")
+    step = selected if step is None else step
+    if not 0 <= step <= len(steps):
+        raise ZoftError(f"{run_dir} recorded {len(steps)} steps, not {step}")
     cfg = saved_config(config)
     device = config.get("device", "cpu")
     model, tokenizer = load_model(cfg.model, dtype=torch_dtype(cfg.dtype, device), device=device)
     model = with_adapters(model, cfg, cfg.seed)
     opt = recorded_optimizer(model, meta, cfg, run_dir / "trajectory.safetensors")
-    opt.replay(steps[:selected])
+    opt.replay(steps[:step])
+    return model, tokenizer, cfg, meta["method"]
+
+
+def replay_run(run_dir, out) -> Path:
+    """Rebuild a run's selected model from the base model and its trajectory.safetensors, into
+    ``out``: the same files as ``--save-model`` writes."""
+    out = Path(out)
+    if out.exists():
+        raise ZoftError(f"output already exists: {out}")
+    model, tokenizer, cfg, method = rebuilt_model(run_dir)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, cfg, meta["method"], tmp)
+    save_model(model, tokenizer, cfg, method, tmp)
     tmp.rename(out)
     return out
 
