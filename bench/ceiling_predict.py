@@ -1,7 +1,8 @@
 """What shaping the perturbation can buy per ZO step, predicted from the task's own gradient and
 curvature statistics (issue 11, part 2): a cheap ceiling before any 300-step run.
 
-    python bench/ceiling_predict.py [--task tweets] [--batches 16] [--model PATH] [--head-from RUN] [--stats CACHE] [--json OUT]
+    python bench/ceiling_predict.py [--task tweets] [--batches 16] [--model PATH] [--head-from RUN] [--at RUN:STEP]
+                                    [--stats CACHE] [--json OUT]
 
 For ZO-SGD along u = D^½ z (z ~ N(0, I); D diagonal: a per-block scale σ_b² or a 0/1 mask) on a
 loss with gradient g, batch gradient g̃ and curvature H, the expected decrease of one step at lr η
@@ -20,7 +21,10 @@ weights, no depletion of the gradient over a run, ε → 0.
 Also printed: isotropic ZO's own best one-step loss decrease, S² / (2 B T), in loss units: how much
 a step at these weights can gain at all (``--head-from RUN`` measures at the head start a run
 recorded, where the label rows are already fitted; on the examples ZO trains on, which with
-``--head-share`` are those the probe did not see).
+``--head-share`` are those the probe did not see). ``--at RUN:STEP`` measures at a run's weights
+after STEP of its steps, rebuilt from its trajectory (full-parameter or peft adapters: the blocks
+are the run's trainable ones): how much a shaping could still buy along a fine-tune, where a fixed
+allocation made at θ₀ may no longer fit. A block with no curvature (LoRA's A at B = 0) is held.
 
 Printed: R for the block_scales files in bench/results/oracle, for curvature-aware per-block
 allocations σ_b² ∝ (S_b / T_b)^α (clipped ×10 around the median; written to
@@ -41,8 +45,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from zoft.block_scales import save_block_scales  # noqa: E402
+from zoft.block_scales import read_block_scales, save_block_scales  # noqa: E402
+from zoft.errors import ZoftError  # noqa: E402
 from zoft.blocks import collect_blocks  # noqa: E402
+from zoft.finetune import rebuilt_model  # noqa: E402
 from zoft.head import HeadStart  # noqa: E402
 from zoft.models import DEFAULT_MODEL, load_model  # noqa: E402
 
@@ -97,19 +103,42 @@ def head_start(run: Path) -> HeadStart:
     return head
 
 
+def source_run(args) -> Path | None:
+    """The run whose weights (--at) or head start (--head-from) are measured, if any."""
+    run = args.head_from or args.at.rpartition(":")[0]
+    return Path(run) if run else None
+
+
 def zo_skip(args) -> int:
-    """How many of the training sample's first examples ZO does not train on: with --head-from a
-    run whose probe saw a share of them (--head-share), the statistics are those of ZO's part."""
-    if not args.head_from:
+    """How many of the training sample's first examples ZO does not train on: with a run whose
+    probe saw a share of them (--head-share), the statistics are those of ZO's part."""
+    run = source_run(args)
+    if run is None:
         return 0
-    config = json.loads((Path(args.head_from) / "config.json").read_text())
+    config = json.loads((run / "config.json").read_text())
     if (config["task"], config["num_train"], config["data_seed"]) != (args.task, 1000, 0):
-        raise SystemExit(f"{args.head_from} is not a run on the protocol's {args.task} sample (1000 train, data seed 0)")
+        raise SystemExit(f"{run} is not a run on the protocol's {args.task} sample (1000 train, data seed 0)")
     return config["num_train"] - config["split_sizes"]["train"]
 
 
 def weights_label(args) -> str:
+    if args.at:
+        run, _, step = args.at.rpartition(":")
+        return f"{run} after {step} steps"
     return f"{args.model} + the head start of {args.head_from}" if args.head_from else args.model
+
+
+def load_weights(args):
+    """(model, tokenizer) at the weights to measure."""
+    if args.at:
+        run, _, step = args.at.rpartition(":")
+        model, tokenizer, _, _ = rebuilt_model(run, int(step))
+    else:
+        model, tokenizer = load_model(args.model)
+        if args.head_from:
+            head_start(Path(args.head_from)).apply(model)
+    model.eval()
+    return model, tokenizer
 
 
 def load_or_measure(args):
@@ -117,10 +146,7 @@ def load_or_measure(args):
     file when it exists (written there otherwise), so new shapings are scored without backward passes."""
     from safetensors.torch import load_file, save_file
 
-    model, tokenizer = load_model(args.model)
-    model.eval()
-    if args.head_from:
-        head_start(Path(args.head_from)).apply(model)
+    model, tokenizer = load_weights(args)
     if args.stats and Path(args.stats).is_file():
         from safetensors import safe_open
 
@@ -142,6 +168,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=DEFAULT_MODEL, help="weights to measure at (default: the base model)")
     ap.add_argument("--head-from", default="", help="measure with the head start this run recorded (--head-init probe)")
+    ap.add_argument("--at", default="", help="RUN:STEP, measure at a run's weights after STEP steps (its blocks)")
     ap.add_argument("--batches", type=int, default=16)
     ap.add_argument("--task", default="tweets", help="the oracle's task; a meta-training task (rte) to pick a design")
     ap.add_argument("--data-dir", default=None, help="where SuperGLUE files are (../shared/data)")
@@ -150,6 +177,8 @@ def main():
     ap.add_argument("--out", default="", help="write the curvature-aware allocations here")
     ap.add_argument("--json", default="", help="write the figures here too")
     args = ap.parse_args()
+    if args.at and (args.head_from or args.model != DEFAULT_MODEL):
+        ap.error("--at measures at a run's own weights: not with --head-from or --model")
     torch.manual_seed(0)
     model, blocks, S, B, T = load_or_measure(args)
     s, b, t = (torch.stack([x.double().sum() for x in X]) for X in (S, B, T))
@@ -179,17 +208,21 @@ def main():
     magnitudes = [blk.param.detach().abs().view(-1).float() for blk in blocks]
 
     for f in sorted(Path(args.oracle_dir).glob("*.safetensors")):
-        from safetensors.torch import load_file
-
-        rows[f"file {f.stem}"] = block_gain(load_file(str(f))["sigma"] ** 2)
-    ratio = s.clamp(min=0) / t
+        try:  # the files made for these blocks, names and shapes
+            sigma = torch.tensor(read_block_scales(str(f), blocks, batch_size=16), dtype=torch.float64)
+        except ZoftError:
+            continue
+        rows[f"file {f.stem}"] = block_gain(sigma**2)
+    flat = t == 0  # no curvature: the loss does not depend on the block (LoRA's A at B = 0)
+    ratio = torch.where(flat, 0.0, s.clamp(min=0) / t.clamp(min=1e-300))
     held = torch.tensor([blk.is_embedding or blk.param.dim() < 2 for blk in blocks])
     for alpha in ALPHAS:
-        var = allocation([ratio], alpha, spread=10.0) ** 2
+        var = allocation([ratio], alpha, spread=10.0, held=flat) ** 2
         rows[f"σ² ∝ (S/T)^{alpha:g}, all"] = block_gain(var)
-        matrices = var.clone()
-        matrices[held] = var.median()
-        rows[f"σ² ∝ (S/T)^{alpha:g}, matrices"] = block_gain(matrices)
+        if held.any():
+            matrices = var.clone()
+            matrices[held] = var[~flat].median()
+            rows[f"σ² ∝ (S/T)^{alpha:g}, matrices"] = block_gain(matrices)
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             save_block_scales(Path(args.out) / f"curv-all-a{alpha:g}.safetensors", blocks, var.sqrt(),

@@ -63,8 +63,11 @@ def allocation(blocks, density: torch.Tensor, alpha: float, matrices_only: bool)
 
 
 def module_type(name: str) -> str:
-    m = re.search(r"\.(\w+)\.weight$", name)
-    return m.group(1) if m else name
+    """q_proj for a model's weight, q_proj.lora_A for peft's adapter on it."""
+    m = re.search(r"\.(\w+?)(\.lora_[AB]\.\w+)?\.weight$", name)
+    if not m:
+        return name
+    return m.group(1) + (m.group(2).rsplit(".", 1)[0] if m.group(2) else "")
 
 
 def main():
