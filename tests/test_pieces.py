@@ -228,3 +228,52 @@ def test_a_zero_block_scale_holds_that_block_and_gives_its_share_to_the_others(t
         else:
             torch.testing.assert_close(b.param.detach().double(), x - lr * c * sigma[b.index] * _direction(opt, seed, b).double(),
                                        rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["block_scales", "scaled_mask"])
+def test_a_scales_schedule_switches_rows_at_its_steps_and_replays(tmp_path, name):
+    """Row k of a schedule is the step's σ from from_step[k] on; the run replays bit for bit."""
+    from zoft.block_scales import read_scale_schedule, save_block_scales
+
+    model = tiny_llama()
+    blocks = collect_blocks(model)
+    rows = torch.stack([torch.linspace(0.5, 2, len(blocks)), torch.linspace(2, 0.5, len(blocks))])
+    save_block_scales(tmp_path / "s.safetensors", blocks, rows, from_step=[0, 2])
+    (_, first), (_, second) = read_scale_schedule(str(tmp_path / "s.safetensors"), blocks, 16)
+    spec = {"name": name, "scales_file": str(tmp_path / "s.safetensors"), **({"fraction": 0.5} if name == "scaled_mask" else {})}
+    opt = zoft.build_optimizer(model, {"name": "spsa", "eps": 1e-2}, spec, {"name": "sgd", "lr": 1e-2}, seed=4, record=True)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    used = []
+    for _ in range(4):
+        opt.step(lambda: model(IDS, labels=IDS).loss)
+        used.append(opt.last_scales)
+    assert used == [first, first, second, second] and first != second
+    end = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(start)
+    again = zoft.build_optimizer(model, {"name": "spsa", "eps": 1e-2}, spec, {"name": "sgd", "lr": 1e-2}, seed=4)
+    again.replay(opt.history)
+    assert all(torch.equal(v, end[k]) for k, v in model.state_dict().items())
+
+
+def test_a_malformed_scales_schedule_is_one_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from zoft.block_scales import read_block_scales, read_scale_schedule, save_block_scales
+
+    blocks = collect_blocks(tiny_llama())
+    rows = torch.ones(2, len(blocks))
+    cases = {"late_start": [1, 3], "not_rising": [0, 0], "too_few": [0]}
+    for label, steps in cases.items():
+        save_block_scales(tmp_path / f"{label}.safetensors", blocks, rows, from_step=steps)
+    save_block_scales(tmp_path / "no_steps.safetensors", blocks, rows)
+    for label in [*cases, "no_steps"]:
+        with pytest.raises(zoft.ZoftError, match="a schedule needs from_step"):
+            read_scale_schedule(str(tmp_path / f"{label}.safetensors"), blocks, 4)
+    save_block_scales(tmp_path / "good.safetensors", blocks, rows, from_step=[0, 5])
+    assert [start for start, _ in read_scale_schedule(str(tmp_path / "good.safetensors"), blocks, 4)] == [0, 5]
+    with pytest.raises(zoft.ZoftError, match="holds a schedule of 2 allocations"):
+        read_block_scales(str(tmp_path / "good.safetensors"), blocks, 4)
+    save_file({"sigma": torch.ones(2, 2, len(blocks), dtype=torch.float64)}, str(tmp_path / "cube.safetensors"),
+              metadata={"blocks": json.dumps([b.name for b in blocks])})
+    with pytest.raises(zoft.ZoftError, match="not one value per block"):
+        read_scale_schedule(str(tmp_path / "cube.safetensors"), blocks, 4)

@@ -4,6 +4,10 @@ hand-made one) through the same engine as the learned tuner.
 The file is safetensors with one tensor ``sigma`` [num_blocks] and the block names in its header
 (checked against the model's). σ is normalised as the tuner's is, Σ_b d̃_b (cσ_b)² = Σ_b d̃_b,
 so lr and eps keep their meaning and only the split of the perturbation between blocks changes.
+
+A schedule holds K allocations, ``sigma`` [K, num_blocks] and ``from_step`` [K] (0 first, rising):
+row k is used from step from_step[k] on. Where a block's signal sits moves during a fine-tune
+(ZO-LoRA: on B at the start, on A once B has grown; bench/results/ceiling/README.md).
 """
 
 from __future__ import annotations
@@ -31,19 +35,24 @@ class BlockScalesConfig:
             raise ZoftError("this perturbation needs --scales-file (a block_scales file; zoft meta-allocate writes one)")
 
 
-def save_block_scales(path, blocks, sigma: torch.Tensor, note: str = ""):
+def save_block_scales(path, blocks, sigma: torch.Tensor, note: str = "", from_step: list[int] | None = None):
+    """σ [num_blocks], or a schedule: σ [K, num_blocks] with ``from_step`` [K]."""
     from safetensors.torch import save_file
 
-    save_file({"sigma": sigma.double().contiguous()}, str(path),
+    tensors = {"sigma": sigma.double().contiguous()}
+    if from_step is not None:
+        tensors["from_step"] = torch.tensor(from_step, dtype=torch.int64)
+    save_file(tensors, str(path),
               metadata={"blocks": json.dumps([b.name for b in blocks]), "fingerprint": fingerprint(blocks), "note": note})
 
 
-def _read(path) -> tuple[dict, torch.Tensor]:
+def _read(path) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return f.metadata(), f.get_tensor("sigma")
+            from_step = f.get_tensor("from_step") if "from_step" in f.keys() else None
+            return f.metadata(), f.get_tensor("sigma"), from_step
     except Exception as e:
         raise ZoftError(f"cannot read block scales {path}: {e}") from None
 
@@ -67,10 +76,11 @@ def resolve_scales_file(choice: str, blocks) -> str:
     return str(found)
 
 
-def read_block_scales(path: str, blocks, batch_size: int) -> list[float]:
-    """σ [num_blocks] from a block_scales file (or ``auto``), checked against the blocks and normalised."""
+def read_scale_schedule(path: str, blocks, batch_size: int) -> list[tuple[int, list[float]]]:
+    """[(from_step, σ [num_blocks])] from a block_scales file (or ``auto``), checked against the
+    blocks and each row normalised; a one-allocation file is one row from step 0."""
     path = resolve_scales_file(path, blocks)
-    meta, sigma = _read(path)
+    meta, sigma, from_step = _read(path)
     try:
         names = json.loads(meta["blocks"])
     except (KeyError, TypeError, json.JSONDecodeError):
@@ -79,11 +89,30 @@ def read_block_scales(path: str, blocks, batch_size: int) -> list[float]:
     # carry them) tell the models apart
     if names != [b.name for b in blocks] or meta.get("fingerprint", fingerprint(blocks)) != fingerprint(blocks):
         raise ZoftError(f"{path} was made for other blocks than this model's")
-    if sigma.shape != (len(blocks),):
+    if sigma.dim() == 1 and from_step is None:  # one allocation: a schedule of one row
+        sigma, from_step = sigma[None], torch.zeros(1, dtype=torch.int64)
+    if sigma.dim() != 2 or sigma.shape[1] != len(blocks):
         raise ZoftError(f"{path}: sigma has shape {list(sigma.shape)}, not one value per block ({len(blocks)})")
+    starts = [] if from_step is None else from_step.tolist()
+    if len(starts) != len(sigma) or starts[:1] != [0] or any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ZoftError(f"{path}: a schedule needs from_step, one rising step per row of sigma, starting at 0"
+                        f" (got {starts} for {len(sigma)} rows)")
     normaliser = LearnedScale(LearnedScaleConfig(batch_size=batch_size), net=torch.nn.Identity())
     normaliser.dims = torch.tensor([normaliser._dim(b) for b in blocks], dtype=torch.float64)
-    return normaliser.normalised(sigma).tolist()
+    return [(start, normaliser.normalised(row).tolist()) for start, row in zip(starts, sigma)]
+
+
+def read_block_scales(path: str, blocks, batch_size: int) -> list[float]:
+    """σ [num_blocks] of a one-allocation block_scales file (or ``auto``), checked and normalised."""
+    schedule = read_scale_schedule(path, blocks, batch_size)
+    if len(schedule) > 1:
+        raise ZoftError(f"{path} holds a schedule of {len(schedule)} allocations, not one")
+    return schedule[0][1]
+
+
+def scales_at(schedule: list[tuple[int, list[float]]], step: int) -> list[float]:
+    """The schedule's σ at ``step``: its last row that starts at or before it."""
+    return next(row for start, row in reversed(schedule) if start <= step)
 
 
 @register("perturbation", "block_scales", BlockScalesConfig)
@@ -91,8 +120,8 @@ class BlockScales(Isotropic):
     name = "block_scales"
 
     def init(self, blocks):
-        self.sigma = read_block_scales(self.cfg.scales_file, blocks, self.cfg.batch_size)
+        self.schedule = read_scale_schedule(self.cfg.scales_file, blocks, self.cfg.batch_size)
         return None
 
-    def scales(self, blocks, state, **context):
-        return self.sigma, state
+    def scales(self, blocks, state, *, step: int = 0, **context):
+        return scales_at(self.schedule, step), state

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zoft.block_scales import BlockScalesConfig, read_block_scales
+from zoft.block_scales import BlockScalesConfig, read_scale_schedule, scales_at
 from zoft.magnitude_mask import MagnitudeMask, MagnitudeMaskConfig
 from zoft.registry import register
 
@@ -23,8 +23,8 @@ class ScaledMask(MagnitudeMask):
     name = "scaled_mask"
 
     def init(self, blocks):
-        self.sigma = read_block_scales(self.cfg.scales_file, blocks, self.cfg.batch_size)
+        self.schedule = read_scale_schedule(self.cfg.scales_file, blocks, self.cfg.batch_size)
         return super().init(blocks)
 
-    def scales(self, blocks, state, **context):
-        return self.sigma, state
+    def scales(self, blocks, state, *, step: int = 0, **context):
+        return scales_at(self.schedule, step), state

@@ -1,0 +1,49 @@
+"""Stack block_scales files into one schedule: the first file's σ from step 0, each next one from
+its step on (``--perturbation block_scales`` reads it, and switches rows during the run).
+
+    python bench/scale_schedule.py --out SCHEDULE.safetensors A.safetensors B.safetensors@50 [C.safetensors@150 ...]
+
+The files must be made for the same blocks (names and shapes); each row keeps its own σ, and the
+engine normalises every row to the same perturbation energy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from safetensors.torch import save_file
+
+from zoft.block_scales import _read
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("files", nargs="+", help="FILE (the first, from step 0) then FILE@STEP")
+    args = ap.parse_args(argv)
+    rows, steps, headers, fingerprints, notes = [], [], [], set(), []
+    for i, spec in enumerate(args.files):
+        path, _, step = spec.rpartition("@") if "@" in spec else (spec, "", "0")
+        meta, sigma, from_step = _read(path)
+        if from_step is not None or sigma.dim() != 1:
+            sys.exit(f"{path} is a schedule already; stack one-allocation files")
+        rows.append(sigma.double())
+        steps.append(int(step))
+        headers.append(meta["blocks"])
+        fingerprints.add(meta.get("fingerprint"))  # files written before fingerprints have none
+        notes.append({"file": path, "from_step": int(step), "note": meta.get("note", "")})
+    fingerprints.discard(None)
+    if len(set(headers)) != 1 or len(fingerprints) > 1:
+        sys.exit("the files were made for different blocks")
+    # the header save_block_scales writes, with the files' blocks
+    header = {"blocks": headers[0], "note": json.dumps(notes), **({"fingerprint": fingerprints.pop()} if fingerprints else {})}
+    save_file({"sigma": torch.stack(rows), "from_step": torch.tensor(steps, dtype=torch.int64)}, args.out, metadata=header)
+    print(f"{args.out}: {len(rows)} rows from steps {steps}")
+
+
+if __name__ == "__main__":
+    main()
