@@ -1,10 +1,12 @@
 """Stack block_scales files into one schedule: the first file's σ from step 0, each next one from
 its step on (``--perturbation block_scales`` reads it, and switches rows during the run).
 
-    python bench/scale_schedule.py --out SCHEDULE.safetensors A.safetensors B.safetensors@50 [C.safetensors@150 ...]
+    python bench/scale_schedule.py --out SCHEDULE.safetensors A.safetensors B.safetensors@50 [...] [--energy 1,0.02]
 
-The files must be made for the same blocks (names and shapes); each row keeps its own σ, and the
-engine normalises every row to the same perturbation energy.
+The files must be made for the same blocks (names and shapes); each row keeps its own σ. The engine
+normalises every row to the same perturbation energy, times the row's ``--energy`` (default 1): an
+allocation that stands a smaller step than the one before it (bench/ceiling_predict.py predicts
+each one's best lr at a state) gets a smaller energy.
 """
 
 from __future__ import annotations
@@ -24,14 +26,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("files", nargs="+", help="FILE (the first, from step 0) then FILE@STEP")
+    ap.add_argument("--energy", default="", help="comma-separated, one per file: each row's perturbation energy")
     args = ap.parse_args(argv)
+    energy = [float(x) for x in args.energy.split(",")] if args.energy else [1.0] * len(args.files)
+    if len(energy) != len(args.files):
+        sys.exit(f"--energy has {len(energy)} values for {len(args.files)} files")
     rows, steps, headers, fingerprints, notes = [], [], [], set(), []
     for i, spec in enumerate(args.files):
         path, _, step = spec.rpartition("@") if "@" in spec else (spec, "", "0")
-        meta, sigma, from_step = _read(path)
-        if from_step is not None or sigma.dim() != 1:
+        meta, tensors = _read(path)
+        if set(tensors) != {"sigma"} or tensors["sigma"].dim() != 1:
             sys.exit(f"{path} is a schedule already; stack one-allocation files")
-        rows.append(sigma.double())
+        rows.append(tensors["sigma"].double())
         steps.append(int(step))
         headers.append(meta["blocks"])
         fingerprints.add(meta.get("fingerprint"))  # files written before fingerprints have none
@@ -41,8 +47,9 @@ def main(argv=None):
         sys.exit("the files were made for different blocks")
     # the header save_block_scales writes, with the files' blocks
     header = {"blocks": headers[0], "note": json.dumps(notes), **({"fingerprint": fingerprints.pop()} if fingerprints else {})}
-    save_file({"sigma": torch.stack(rows), "from_step": torch.tensor(steps, dtype=torch.int64)}, args.out, metadata=header)
-    print(f"{args.out}: {len(rows)} rows from steps {steps}")
+    save_file({"sigma": torch.stack(rows), "from_step": torch.tensor(steps, dtype=torch.int64),
+               "energy": torch.tensor(energy, dtype=torch.float64)}, args.out, metadata=header)
+    print(f"{args.out}: {len(rows)} rows from steps {steps}, energy {energy}")
 
 
 if __name__ == "__main__":

@@ -238,8 +238,11 @@ def test_a_scales_schedule_switches_rows_at_its_steps_and_replays(tmp_path, name
     model = tiny_llama()
     blocks = collect_blocks(model)
     rows = torch.stack([torch.linspace(0.5, 2, len(blocks)), torch.linspace(2, 0.5, len(blocks))])
-    save_block_scales(tmp_path / "s.safetensors", blocks, rows, from_step=[0, 2])
+    save_block_scales(tmp_path / "s.safetensors", blocks, rows, from_step=[0, 2], energy=[1.0, 0.25])
     (_, first), (_, second) = read_scale_schedule(str(tmp_path / "s.safetensors"), blocks, 16)
+    save_block_scales(tmp_path / "one.safetensors", blocks, rows[1])
+    (_, alone), = read_scale_schedule(str(tmp_path / "one.safetensors"), blocks, 16)
+    torch.testing.assert_close(torch.tensor(second), torch.tensor(alone) * 0.5)  # energy 1/4: σ halved
     spec = {"name": name, "scales_file": str(tmp_path / "s.safetensors"), **({"fraction": 0.5} if name == "scaled_mask" else {})}
     opt = zoft.build_optimizer(model, {"name": "spsa", "eps": 1e-2}, spec, {"name": "sgd", "lr": 1e-2}, seed=4, record=True)
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -268,6 +271,10 @@ def test_a_malformed_scales_schedule_is_one_clear_error(tmp_path):
     save_block_scales(tmp_path / "no_steps.safetensors", blocks, rows)
     for label in [*cases, "no_steps"]:
         with pytest.raises(zoft.ZoftError, match="a schedule needs from_step"):
+            read_scale_schedule(str(tmp_path / f"{label}.safetensors"), blocks, 4)
+    for label, energy in {"negative": [1.0, -1.0], "zero": [1.0, 0.0], "nan": [1.0, float("nan")], "short": [1.0]}.items():
+        save_block_scales(tmp_path / f"{label}.safetensors", blocks, rows, from_step=[0, 5], energy=energy)
+        with pytest.raises(zoft.ZoftError, match="energy must be one positive number per row"):
             read_scale_schedule(str(tmp_path / f"{label}.safetensors"), blocks, 4)
     save_block_scales(tmp_path / "good.safetensors", blocks, rows, from_step=[0, 5])
     assert [start for start, _ in read_scale_schedule(str(tmp_path / "good.safetensors"), blocks, 4)] == [0, 5]

@@ -7,7 +7,10 @@ so lr and eps keep their meaning and only the split of the perturbation between 
 
 A schedule holds K allocations, ``sigma`` [K, num_blocks] and ``from_step`` [K] (0 first, rising):
 row k is used from step from_step[k] on. Where a block's signal sits moves during a fine-tune
-(ZO-LoRA: on B at the start, on A once B has grown; bench/results/ceiling/README.md).
+(ZO-LoRA: on B at the start, on A once B has grown; bench/results/ceiling/README.md), and so does
+the step size an allocation stands: an optional ``energy`` [K] normalises row k to energy[k] times
+the perturbation energy instead (its steps energy[k] times as large at the same lr, its probes
+√energy[k] times as wide).
 """
 
 from __future__ import annotations
@@ -35,24 +38,27 @@ class BlockScalesConfig:
             raise ZoftError("this perturbation needs --scales-file (a block_scales file; zoft meta-allocate writes one)")
 
 
-def save_block_scales(path, blocks, sigma: torch.Tensor, note: str = "", from_step: list[int] | None = None):
-    """σ [num_blocks], or a schedule: σ [K, num_blocks] with ``from_step`` [K]."""
+def save_block_scales(path, blocks, sigma: torch.Tensor, note: str = "", from_step: list[int] | None = None,
+                      energy: list[float] | None = None):
+    """σ [num_blocks], or a schedule: σ [K, num_blocks] with ``from_step`` [K] (and ``energy`` [K])."""
     from safetensors.torch import save_file
 
     tensors = {"sigma": sigma.double().contiguous()}
     if from_step is not None:
         tensors["from_step"] = torch.tensor(from_step, dtype=torch.int64)
+    if energy is not None:
+        tensors["energy"] = torch.tensor(energy, dtype=torch.float64)
     save_file(tensors, str(path),
               metadata={"blocks": json.dumps([b.name for b in blocks]), "fingerprint": fingerprint(blocks), "note": note})
 
 
-def _read(path) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
+def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(header, tensors): sigma, and a schedule's from_step and energy where the file has them."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            from_step = f.get_tensor("from_step") if "from_step" in f.keys() else None
-            return f.metadata(), f.get_tensor("sigma"), from_step
+            return f.metadata(), {k: f.get_tensor(k) for k in ("sigma", "from_step", "energy") if k in f.keys()}
     except Exception as e:
         raise ZoftError(f"cannot read block scales {path}: {e}") from None
 
@@ -80,7 +86,10 @@ def read_scale_schedule(path: str, blocks, batch_size: int) -> list[tuple[int, l
     """[(from_step, σ [num_blocks])] from a block_scales file (or ``auto``), checked against the
     blocks and each row normalised; a one-allocation file is one row from step 0."""
     path = resolve_scales_file(path, blocks)
-    meta, sigma, from_step = _read(path)
+    meta, tensors = _read(path)
+    if "sigma" not in tensors:
+        raise ZoftError(f"cannot read block scales {path}: it has no sigma")
+    sigma, from_step = tensors["sigma"], tensors.get("from_step")
     try:
         names = json.loads(meta["blocks"])
     except (KeyError, TypeError, json.JSONDecodeError):
@@ -97,9 +106,12 @@ def read_scale_schedule(path: str, blocks, batch_size: int) -> list[tuple[int, l
     if len(starts) != len(sigma) or starts[:1] != [0] or any(b <= a for a, b in zip(starts, starts[1:])):
         raise ZoftError(f"{path}: a schedule needs from_step, one rising step per row of sigma, starting at 0"
                         f" (got {starts} for {len(sigma)} rows)")
+    energy = tensors.get("energy", torch.ones(len(sigma), dtype=torch.float64)).double()
+    if energy.shape != (len(sigma),) or not bool(((energy > 0) & energy.isfinite()).all()):
+        raise ZoftError(f"{path}: energy must be one positive number per row of sigma, got {energy.tolist()}")
     normaliser = LearnedScale(LearnedScaleConfig(batch_size=batch_size), net=torch.nn.Identity())
     normaliser.dims = torch.tensor([normaliser._dim(b) for b in blocks], dtype=torch.float64)
-    return [(start, normaliser.normalised(row).tolist()) for start, row in zip(starts, sigma)]
+    return [(start, (normaliser.normalised(row) * e.sqrt()).tolist()) for start, row, e in zip(starts, sigma, energy)]
 
 
 def read_block_scales(path: str, blocks, batch_size: int) -> list[float]:
