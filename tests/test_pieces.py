@@ -284,3 +284,32 @@ def test_a_malformed_scales_schedule_is_one_clear_error(tmp_path):
               metadata={"blocks": json.dumps([b.name for b in blocks])})
     with pytest.raises(zoft.ZoftError, match="not one value per block"):
         read_scale_schedule(str(tmp_path / "cube.safetensors"), blocks, 4)
+
+
+def test_scale_schedule_stacks_allocation_files_with_their_steps_and_energies(tmp_path, capsys):
+    """bench/scale_schedule.py: rows in order, from_step and energy as given; files for other
+    blocks, and a schedule given as a row, are refused."""
+    import importlib.util
+
+    from zoft.block_scales import read_scale_schedule, save_block_scales
+
+    spec = importlib.util.spec_from_file_location("scale_schedule", Path(__file__).parents[1] / "bench" / "scale_schedule.py")
+    stack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stack)
+    blocks = collect_blocks(tiny_llama())
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_block_scales(first, blocks, torch.linspace(0.5, 2, len(blocks)))
+    save_block_scales(second, blocks, torch.linspace(2, 0.5, len(blocks)))
+    out = tmp_path / "s.safetensors"
+    stack.main(["--out", str(out), str(first), f"{second}@7", "--energy", "1,0.25"])
+    (s0, row0), (s1, row1) = read_scale_schedule(str(out), blocks, 16)
+    (_, alone0), = read_scale_schedule(str(first), blocks, 16)
+    (_, alone1), = read_scale_schedule(str(second), blocks, 16)
+    assert (s0, s1) == (0, 7) and row0 == alone0
+    torch.testing.assert_close(torch.tensor(row1), torch.tensor(alone1) * 0.5)
+    other = collect_blocks(tiny_llama())[:-1]
+    save_block_scales(tmp_path / "other.safetensors", other, torch.ones(len(other)))
+    for files, message in [([str(first), f"{tmp_path / 'other.safetensors'}@3"], "different blocks"),
+                           ([str(first), f"{out}@3"], "is a schedule already")]:
+        with pytest.raises(SystemExit, match=message):
+            stack.main(["--out", str(tmp_path / "x.safetensors"), *files])
