@@ -46,8 +46,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from zoft.block_scales import read_block_scales, save_block_scales  # noqa: E402
-from zoft.errors import ZoftError  # noqa: E402
 from zoft.blocks import collect_blocks  # noqa: E402
+from zoft.errors import ZoftError  # noqa: E402
 from zoft.finetune import rebuilt_model  # noqa: E402
 from zoft.head import HeadStart  # noqa: E402
 from zoft.models import DEFAULT_MODEL, load_model  # noqa: E402

@@ -19,7 +19,7 @@ import torch
 
 from safetensors.torch import save_file
 
-from zoft.block_scales import _read
+from zoft.block_scales import read_scales_file
 
 
 def main(argv=None):
@@ -34,7 +34,7 @@ def main(argv=None):
     rows, steps, headers, fingerprints, notes = [], [], [], set(), []
     for i, spec in enumerate(args.files):
         path, _, step = spec.rpartition("@") if "@" in spec else (spec, "", "0")
-        meta, tensors = _read(path)
+        meta, tensors = read_scales_file(path)
         if set(tensors) != {"sigma"} or tensors["sigma"].dim() != 1:
             sys.exit(f"{path} is a schedule already; stack one-allocation files")
         rows.append(tensors["sigma"].double())

@@ -52,7 +52,7 @@ def save_block_scales(path, blocks, sigma: torch.Tensor, note: str = "", from_st
               metadata={"blocks": json.dumps([b.name for b in blocks]), "fingerprint": fingerprint(blocks), "note": note})
 
 
-def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_scales_file(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(header, tensors): sigma, and a schedule's from_step and energy where the file has them."""
     from safetensors import safe_open
 
@@ -67,8 +67,8 @@ def find_shipped_allocation(blocks) -> Path | None:
     """The shipped allocation (pretrained_tuners/*/allocation*.safetensors) made for exactly these
     blocks, names and shapes: one for the full model, one for its LoRA adapters."""
     want = fingerprint(blocks)
-    return next((p for p in shipped_tuners("allocation*.safetensors") if (_read(p)[0] or {}).get("fingerprint") == want),
-                None)
+    shipped = shipped_tuners("allocation*.safetensors")
+    return next((p for p in shipped if (read_scales_file(p)[0] or {}).get("fingerprint") == want), None)
 
 
 def resolve_scales_file(choice: str, blocks) -> str:
@@ -86,7 +86,7 @@ def read_scale_schedule(path: str, blocks, batch_size: int) -> list[tuple[int, l
     """[(from_step, σ [num_blocks])] from a block_scales file (or ``auto``), checked against the
     blocks and each row normalised; a one-allocation file is one row from step 0."""
     path = resolve_scales_file(path, blocks)
-    meta, tensors = _read(path)
+    meta, tensors = read_scales_file(path)
     if "sigma" not in tensors:
         raise ZoftError(f"cannot read block scales {path}: it has no sigma")
     sigma, from_step = tensors["sigma"], tensors.get("from_step")
