@@ -164,7 +164,7 @@ def load_or_measure(args):
     return model, blocks, S, B, T
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=DEFAULT_MODEL, help="weights to measure at (default: the base model)")
     ap.add_argument("--head-from", default="", help="measure with the head start this run recorded (--head-init probe)")
@@ -176,7 +176,7 @@ def main():
     ap.add_argument("--oracle-dir", default="bench/results/oracle", help="block_scales files to score")
     ap.add_argument("--out", default="", help="write the curvature-aware allocations here")
     ap.add_argument("--json", default="", help="write the figures here too")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.at and (args.head_from or args.model != DEFAULT_MODEL):
         ap.error("--at measures at a run's own weights: not with --head-from or --model")
     torch.manual_seed(0)

@@ -1,0 +1,36 @@
+"""bench/ceiling_predict.py --at RUN:STEP: statistics at the weights a run reached, rebuilt from its trajectory."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from zoft.cli import main as zoft_main
+
+BENCH = Path(__file__).parents[1] / "bench"
+sys.path.insert(0, str(BENCH))  # the script imports its neighbour oracle_scales
+spec = importlib.util.spec_from_file_location("ceiling_predict", BENCH / "ceiling_predict.py")
+ceiling = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ceiling)
+
+
+def test_at_a_lora_run_s_step_a_blocks_are_held_only_while_b_is_zero(tmp_path, tiny_model_dir):
+    """At step 0 (B = 0) every lora_A block has no curvature and gets σ 0; after steps that moved B it
+    has curvature and a σ: the statistics are taken at the rebuilt weights, not the base model's."""
+    assert zoft_main(["finetune", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path), "--run-name", "r",
+                      "--peft", "lora", "--steps", "3", "--num-train", "1000", "--num-dev", "8", "--num-test", "8",
+                      "--batch-size", "4", "--eval-every", "3", "--lr", "5e-2", "--eps", "1e-2"]) == 0
+    zero_a = {}
+    for step in (0, 3):
+        out = tmp_path / f"alloc{step}"
+        ceiling.main(["--at", f"{tmp_path / 'r'}:{step}", "--task", "tweets", "--batches", "2",
+                      "--oracle-dir", str(tmp_path / "none"), "--out", str(out)])
+        sigma = load_file(out / "curv-all-a1.safetensors")["sigma"]
+        names = [b.name for b in ceiling.collect_blocks(ceiling.rebuilt_model(tmp_path / "r", step)[0])]
+        a_blocks = torch.tensor(["lora_A" in n for n in names])
+        assert a_blocks.any() and (~a_blocks).any()
+        zero_a[step] = bool((sigma[a_blocks] == 0).all())
+        assert (sigma[~a_blocks] > 0).all()
+    assert zero_a == {0: True, 3: False}
