@@ -103,9 +103,17 @@ def head_start(run: Path) -> HeadStart:
     return head
 
 
+def at_run_step(args) -> tuple[str, int] | None:
+    """--at RUN:STEP as (RUN, STEP), or None without it."""
+    if not args.at:
+        return None
+    run, _, step = args.at.rpartition(":")
+    return run, int(step)
+
+
 def source_run(args) -> Path | None:
     """The run whose weights (--at) or head start (--head-from) are measured, if any."""
-    run = args.head_from or args.at.rpartition(":")[0]
+    run = args.head_from or (at_run_step(args) or ("",))[0]
     return Path(run) if run else None
 
 
@@ -123,7 +131,7 @@ def zo_skip(args) -> int:
 
 def weights_label(args) -> str:
     if args.at:
-        run, _, step = args.at.rpartition(":")
+        run, step = at_run_step(args)
         return f"{run} after {step} steps"
     return f"{args.model} + the head start of {args.head_from}" if args.head_from else args.model
 
@@ -131,8 +139,7 @@ def weights_label(args) -> str:
 def load_weights(args):
     """(model, tokenizer) at the weights to measure."""
     if args.at:
-        run, _, step = args.at.rpartition(":")
-        model, tokenizer, _, _ = rebuilt_model(run, int(step))
+        model, tokenizer, _, _ = rebuilt_model(*at_run_step(args))
     else:
         model, tokenizer = load_model(args.model)
         if args.head_from:

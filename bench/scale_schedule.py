@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
-
 from safetensors.torch import save_file
 
 from zoft.block_scales import read_scales_file
@@ -32,7 +32,7 @@ def main(argv=None):
     if len(energy) != len(args.files):
         sys.exit(f"--energy has {len(energy)} values for {len(args.files)} files")
     rows, steps, headers, fingerprints, notes = [], [], [], set(), []
-    for i, spec in enumerate(args.files):
+    for spec in args.files:
         path, _, step = spec.rpartition("@") if "@" in spec else (spec, "", "0")
         meta, tensors = read_scales_file(path)
         if set(tensors) != {"sigma"} or tensors["sigma"].dim() != 1:
@@ -47,8 +47,10 @@ def main(argv=None):
         sys.exit("the files were made for different blocks")
     # the header save_block_scales writes, with the files' blocks
     header = {"blocks": headers[0], "note": json.dumps(notes), **({"fingerprint": fingerprints.pop()} if fingerprints else {})}
+    partial = f"{args.out}.partial"  # never a half-written file under the real name
     save_file({"sigma": torch.stack(rows), "from_step": torch.tensor(steps, dtype=torch.int64),
-               "energy": torch.tensor(energy, dtype=torch.float64)}, args.out, metadata=header)
+               "energy": torch.tensor(energy, dtype=torch.float64)}, partial, metadata=header)
+    os.replace(partial, args.out)
     print(f"{args.out}: {len(rows)} rows from steps {steps}, energy {energy}")
 
 
