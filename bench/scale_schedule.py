@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
-from safetensors.torch import save_file
 
-from zoft.block_scales import read_scales_file
+from zoft.block_scales import read_scales_file, write_block_scales
 
 
 def main(argv=None):
@@ -45,12 +43,8 @@ def main(argv=None):
     fingerprints.discard(None)
     if len(set(headers)) != 1 or len(fingerprints) > 1:
         sys.exit("the files were made for different blocks")
-    # the header save_block_scales writes, with the files' blocks
-    header = {"blocks": headers[0], "note": json.dumps(notes), **({"fingerprint": fingerprints.pop()} if fingerprints else {})}
-    partial = f"{args.out}.partial"  # never a half-written file under the real name
-    save_file({"sigma": torch.stack(rows), "from_step": torch.tensor(steps, dtype=torch.int64),
-               "energy": torch.tensor(energy, dtype=torch.float64)}, partial, metadata=header)
-    os.replace(partial, args.out)
+    write_block_scales(args.out, headers[0], fingerprints.pop() if fingerprints else None, torch.stack(rows),
+                       json.dumps(notes), steps, energy)
     print(f"{args.out}: {len(rows)} rows from steps {steps}, energy {energy}")
 
 

@@ -41,6 +41,13 @@ class BlockScalesConfig:
 def save_block_scales(path, blocks, sigma: torch.Tensor, note: str = "", from_step: list[int] | None = None,
                       energy: list[float] | None = None):
     """σ [num_blocks], or a schedule: σ [K, num_blocks] with ``from_step`` [K] (and ``energy`` [K])."""
+    write_block_scales(path, json.dumps([b.name for b in blocks]), fingerprint(blocks), sigma, note, from_step, energy)
+
+
+def write_block_scales(path, block_names: str, blocks_fingerprint: str | None, sigma: torch.Tensor, note: str = "",
+                       from_step: list[int] | None = None, energy: list[float] | None = None):
+    """The file save_block_scales writes, from the header's block list (JSON) and fingerprint (None:
+    a file made before fingerprints), through a ``.partial`` file: never half-written under its name."""
     from safetensors.torch import save_file
 
     tensors = {"sigma": sigma.double().contiguous()}
@@ -48,8 +55,13 @@ def save_block_scales(path, blocks, sigma: torch.Tensor, note: str = "", from_st
         tensors["from_step"] = torch.tensor(from_step, dtype=torch.int64)
     if energy is not None:
         tensors["energy"] = torch.tensor(energy, dtype=torch.float64)
-    save_file(tensors, str(path),
-              metadata={"blocks": json.dumps([b.name for b in blocks]), "fingerprint": fingerprint(blocks), "note": note})
+    header = {"blocks": block_names, "note": note}
+    if blocks_fingerprint is not None:
+        header["fingerprint"] = blocks_fingerprint
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    save_file(tensors, str(partial), metadata=header)
+    partial.replace(path)
 
 
 def read_scales_file(path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -122,18 +134,22 @@ def read_block_scales(path: str, blocks, batch_size: int) -> list[float]:
     return schedule[0][1]
 
 
-def scales_at(schedule: list[tuple[int, list[float]]], step: int) -> list[float]:
-    """The schedule's σ at ``step``: its last row that starts at or before it."""
-    return next(row for start, row in reversed(schedule) if start <= step)
+class ScaleSchedule:
+    """σ per block from a block_scales file, switching rows at their steps: the scales of
+    ``block_scales`` and ``scaled_mask`` alike (their configs hold scales_file and batch_size)."""
+
+    def read_schedule(self, blocks):
+        self.schedule = read_scale_schedule(self.cfg.scales_file, blocks, self.cfg.batch_size)
+
+    def scales(self, blocks, state, *, step: int = 0, **context):
+        # the last row that starts at or before this step
+        return next(row for start, row in reversed(self.schedule) if start <= step), state
 
 
 @register("perturbation", "block_scales", BlockScalesConfig)
-class BlockScales(Isotropic):
+class BlockScales(ScaleSchedule, Isotropic):
     name = "block_scales"
 
     def init(self, blocks):
-        self.schedule = read_scale_schedule(self.cfg.scales_file, blocks, self.cfg.batch_size)
+        self.read_schedule(blocks)
         return None
-
-    def scales(self, blocks, state, *, step: int = 0, **context):
-        return scales_at(self.schedule, step), state

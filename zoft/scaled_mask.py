@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zoft.block_scales import BlockScalesConfig, read_scale_schedule, scales_at
+from zoft.block_scales import BlockScalesConfig, ScaleSchedule
 from zoft.magnitude_mask import MagnitudeMask, MagnitudeMaskConfig
 from zoft.registry import register
 
@@ -19,12 +19,9 @@ class ScaledMaskConfig(MagnitudeMaskConfig, BlockScalesConfig):
 
 
 @register("perturbation", "scaled_mask", ScaledMaskConfig)
-class ScaledMask(MagnitudeMask):
+class ScaledMask(ScaleSchedule, MagnitudeMask):
     name = "scaled_mask"
 
     def init(self, blocks):
-        self.schedule = read_scale_schedule(self.cfg.scales_file, blocks, self.cfg.batch_size)
+        self.read_schedule(blocks)
         return super().init(blocks)
-
-    def scales(self, blocks, state, *, step: int = 0, **context):
-        return scales_at(self.schedule, step), state
