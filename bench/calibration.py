@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-from zoft import trajectory
 from zoft.data import candidate_token_ids, collate, encode
-from zoft.finetune import checked, recorded_optimizer, saved_config
-from zoft.models import load_model
+from zoft.errors import ZoftError
+from zoft.finetune import checked, rebuilt_models, saved_config
 from zoft.scoring import task_logits
 
 SHIFTS = torch.linspace(-8, 8, 321)
@@ -47,21 +46,13 @@ def accuracy(margin, gold, shift=0.0) -> float:
 
 def along(run: Path, points: list[int]):
     """One row per step in ``points``: the run's weights there, rebuilt from its trajectory."""
-    cfg, task, splits = checked(saved_config(json.loads((run / "config.json").read_text())))
+    _, task, splits = checked(saved_config(json.loads((run / "config.json").read_text())))
     if len(task.label_words) != 2:
         raise SystemExit(f"{run}: {task.name} is not a two-class task")
-    model, tokenizer = load_model(cfg.model)
-    model.eval()
-    steps, meta = trajectory.read(run / "trajectory.safetensors")
-    if meta["method"]["update"].get("average") or cfg.master_weights:
-        raise SystemExit(f"{run}: averaged or master-weight runs replay from step 0 only")  # see ZOOptimizer.replay
-    opt = recorded_optimizer(model, meta, cfg, run / "trajectory.safetensors")
-    cand = candidate_token_ids(task, tokenizer)
-    dev, test = (encode(task, part, tokenizer, cfg.max_length) for part in (splits.dev, splits.test))
-    done = 0
-    for k in points:
-        opt.replay(steps[done:k])  # continues from the last point: the recorded terms are all it needs
-        done = k
+    for k, (model, tokenizer, cfg, _) in zip(points, rebuilt_models(run, points)):
+        model.eval()
+        cand = candidate_token_ids(task, tokenizer)
+        dev, test = (encode(task, part, tokenizer, cfg.max_length) for part in (splits.dev, splits.test))
         (md, gd), (mt, gt) = margins(model, dev, cand, tokenizer.pad_token_id), margins(model, test, cand, tokenizer.pad_token_id)
         best = max(SHIFTS.tolist(), key=lambda s: accuracy(md, gd, s))
         yield {"step": k, "dev": accuracy(md, gd), "mean_margin": float(md.mean()), "best_shift": best,
@@ -77,9 +68,12 @@ def main():
     print("| run | step | dev | mean margin | best shift | dev, shifted | test | test, dev-chosen shift |")
     print("|---|---|---|---|---|---|---|---|")
     for run in args.runs:
-        for r in along(run, points):
-            print(f"| {run.name} | {r['step']} | {r['dev']:.3f} | {r['mean_margin']:+.2f} | {r['best_shift']:+.2f} |"
-                  f" {r['dev_shifted']:.3f} | {r['test']:.3f} | {r['test_shifted']:.3f} |", flush=True)
+        try:
+            for r in along(run, points):
+                print(f"| {run.name} | {r['step']} | {r['dev']:.3f} | {r['mean_margin']:+.2f} | {r['best_shift']:+.2f} |"
+                      f" {r['dev_shifted']:.3f} | {r['test']:.3f} | {r['test_shifted']:.3f} |", flush=True)
+        except ZoftError as e:
+            raise SystemExit(f"calibration: {e}") from None
 
 
 if __name__ == "__main__":

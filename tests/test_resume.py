@@ -122,3 +122,26 @@ def test_a_run_rebuilds_at_any_step_of_its_trajectory(tmp_path, tiny_model_dir):
         assert any(not torch.equal(at_5[k], v) for k, v in other.items())
     with pytest.raises(ZoftError, match="recorded 9 steps, not 10"):
         rebuilt_model(tmp_path / "long", 10)
+
+
+def test_a_trajectory_rebuilds_point_after_point_as_from_scratch(tmp_path, tiny_model_dir):
+    """rebuilt_models(run, [2, 5, 9]) replays one model onward: at each point the same weights as a
+    rebuild from step 0; falling points, and several points of an averaged run, are refused."""
+    from zoft.errors import ZoftError
+    from zoft.finetune import rebuilt_model, rebuilt_models
+
+    def weights(model):
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    assert main(_args(tiny_model_dir, tmp_path, "run", 9)) == 0
+    onward = [weights(model) for model, *_ in rebuilt_models(tmp_path / "run", [2, 5, 9])]
+    for k, got in zip((2, 5, 9), onward):
+        fresh = weights(rebuilt_model(tmp_path / "run", k)[0])
+        assert all(torch.equal(fresh[name], v) for name, v in got.items()), k
+    assert any(not torch.equal(onward[0][k], v) for k, v in onward[1].items())
+    with pytest.raises(ZoftError, match="must rise"):
+        next(rebuilt_models(tmp_path / "run", [5, 2]))
+    assert main(_args(tiny_model_dir, tmp_path, "avg", 3, "--average")) == 0
+    with pytest.raises(ZoftError, match="replays from step 0 only"):
+        next(rebuilt_models(tmp_path / "avg", [1, 3]))
+    assert next(rebuilt_models(tmp_path / "avg", [3])) is not None

@@ -34,6 +34,7 @@ from tqdm import tqdm
 import zoft
 from zoft import trajectory
 from zoft.adapters import with_adapters
+from zoft.blocks import collect_blocks
 from zoft.config import EvalConfig, FinetuneConfig, TaskConfig, torch_dtype  # noqa: F401 (re-exported)
 from zoft import distributed
 from zoft.data import Batches, candidate_token_ids, collate, encode
@@ -135,17 +136,15 @@ def _resolve_device(choice: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
 
 
-def _resolve_tuner(choice: str, model) -> str | None:
-    """none: isotropic; auto: the shipped tuner made for this model, if any; else a path."""
+def _resolve_tuner(choice: str, blocks) -> str | None:
+    """none: isotropic; auto: the shipped tuner made for these blocks, if any; else a path."""
     if choice == "none":
         return None
     if choice != "auto":
         return choice
     from zoft.block_scales import find_shipped_allocation
-    from zoft.blocks import collect_blocks
     from zoft.tuner import find_shipped
 
-    blocks = collect_blocks(model)
     found = find_shipped(blocks)
     if found:
         print(f"tuner: {found.parent.name}", file=sys.stderr)
@@ -156,11 +155,10 @@ def _resolve_tuner(choice: str, model) -> str | None:
     return None
 
 
-def _resolve_scales_file(model) -> str:
+def _resolve_scales_file(blocks) -> str:
     from zoft.block_scales import resolve_scales_file
-    from zoft.blocks import collect_blocks
 
-    path = resolve_scales_file("auto", collect_blocks(model))
+    path = resolve_scales_file("auto", blocks)
     print(f"scales: {path}", file=sys.stderr)
     return path
 
@@ -266,9 +264,10 @@ def _setup(cfg, task, splits, folder: RunFolder, group: distributed.Group) -> Se
     cand = candidate_token_ids(task, tokenizer, device)
     encoded = [encode(task, part, tokenizer, cfg.max_length) for part in (splits.train, splits.dev, splits.test)]
     head_items, encoded[0] = head_split(encoded[0], cfg)
-    tuner_path = _resolve_tuner(cfg.tuner, model)
+    blocks = collect_blocks(model)  # what a shipped tuner or allocation must have been made for
+    tuner_path = _resolve_tuner(cfg.tuner, blocks)
     if cfg.scales_file == "auto":  # the run records the file it read, so a resume or replay reads it again
-        cfg = replace(cfg, scales_file=_resolve_scales_file(model))
+        cfg = replace(cfg, scales_file=_resolve_scales_file(blocks))
     method = cfg.method(tuner_path)
     if tuner_path:
         _warn_if_other_eps(tuner_path, method)
@@ -624,26 +623,42 @@ def recorded_optimizer(model, meta: dict, cfg: FinetuneConfig, path) -> ZOOptimi
     return opt
 
 
-def rebuilt_model(run_dir, step: int | None = None):
-    """(model, tokenizer, cfg, method) of a finished run after its first ``step`` steps (its
-    selected model by default), rebuilt from the base model and its trajectory.safetensors."""
+def rebuilt_models(run_dir, steps: list[int] | None = None):
+    """Yields (model, tokenizer, cfg, method) of a finished run after each of its first ``steps``
+    steps (rising; its selected model by default), rebuilt from the base model and its
+    trajectory.safetensors: one model, replayed on from the last point (the recorded terms are all
+    a step needs), so a whole trajectory costs one replay."""
     run_dir = Path(run_dir)
     try:
         config = json.loads((run_dir / "config.json").read_text())
         selected = json.loads((run_dir / "summary.json").read_text())["selected_step"]
     except (OSError, json.JSONDecodeError, KeyError) as e:
         raise ZoftError(f"{run_dir} is not a complete run directory ({type(e).__name__}: {e})") from None
-    steps, meta = trajectory.read(run_dir / "trajectory.safetensors")
-    step = selected if step is None else step
-    if not 0 <= step <= len(steps):
-        raise ZoftError(f"{run_dir} recorded {len(steps)} steps, not {step}")
+    recorded, meta = trajectory.read(run_dir / "trajectory.safetensors")
+    steps = [selected] if steps is None else list(steps)
+    for step in steps:
+        if not 0 <= step <= len(recorded):
+            raise ZoftError(f"{run_dir} recorded {len(recorded)} steps, not {step}")
+    if steps != sorted(steps):
+        raise ZoftError(f"steps to rebuild at must rise, got {steps}")
     cfg = saved_config(config)
+    if len(steps) > 1 and (meta["method"]["update"].get("average") or cfg.master_weights):
+        raise ZoftError(f"{run_dir}: an averaged or master-weight run replays from step 0 only: one step at a time")
     device = config.get("device", "cpu")
     model, tokenizer = load_model(cfg.model, dtype=torch_dtype(cfg.dtype, device), device=device)
     model = with_adapters(model, cfg, cfg.seed)
     opt = recorded_optimizer(model, meta, cfg, run_dir / "trajectory.safetensors")
-    opt.replay(steps[:step])
-    return model, tokenizer, cfg, meta["method"]
+    done = 0
+    for step in steps:
+        opt.replay(recorded[done:step])
+        done = step
+        yield model, tokenizer, cfg, meta["method"]
+
+
+def rebuilt_model(run_dir, step: int | None = None):
+    """(model, tokenizer, cfg, method) of a finished run after its first ``step`` steps (its
+    selected model by default): see rebuilt_models."""
+    return next(rebuilt_models(run_dir, None if step is None else [step]))
 
 
 def replay_run(run_dir, out) -> Path:
