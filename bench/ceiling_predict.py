@@ -65,6 +65,16 @@ def gain(S_D: torch.Tensor, B_D: torch.Tensor, T_D: torch.Tensor, ref: tuple) ->
     return (S_D**2 / (B_D * T_D)) / (S**2 / (B * T))
 
 
+def shaping_score(S_D, B_D, T_D, energy_share, ref: tuple) -> tuple[float, float | None]:
+    """(R, its best lr ÷ SPSA's once u is rescaled to ‖u‖² = d; ``energy_share`` = Σ_e D_e / d).
+    A D that perturbs no weight with a gradient (a magnitude shape on LoRA's B = 0) gains nothing
+    at any lr: R 0, no lr."""
+    if B_D == 0:
+        return 0.0, None
+    S, B, T = ref
+    return float(gain(S_D, B_D, T_D, ref)), float((S_D / (B_D * T_D)) / (S / (B * T)) * energy_share)
+
+
 def best_block_weights(s, b, t, ref, spread: float = 10.0, iters: int = 3000, scale: bool = True,
                        multiplier: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """argmax R over a per-block D (σ_b², with ``scale``) and a per-block update multiplier M (with
@@ -89,6 +99,11 @@ def best_block_weights(s, b, t, ref, spread: float = 10.0, iters: int = 3000, sc
         loss.backward()
         opt.step()
     return tuple(w.detach() for w in weights())
+
+
+def shown(value, spec: str) -> str:
+    """A figure, or – where there is none (no signal to share, no lr for a step that cannot gain)."""
+    return "–" if value is None else format(value, spec)
 
 
 def head_start(run: Path) -> HeadStart:
@@ -194,9 +209,7 @@ def main(argv=None):
     numel = torch.tensor([float(blk.numel) for blk in blocks], dtype=torch.float64)
 
     def scored(sd, bd, td, energy):
-        """R, and the best lr relative to isotropic directions once u is rescaled to ‖u‖² = d."""
-        lr = (sd / (bd * td)) / (ref[0] / (ref[1] * ref[2])) * (energy / numel.sum())
-        return float(gain(sd, bd, td, ref)), float(lr)
+        return shaping_score(sd, bd, td, energy / numel.sum(), ref)
 
     def block_gain_of(d, s, b, t, energy=numel):
         d = d.double()
@@ -267,16 +280,20 @@ def main(argv=None):
     print("| direction shaping | predicted gain per step R | its best lr ÷ SPSA's (at ‖u‖² = d) |\n|---|---|---|"
           * bool(rows))
     for label, (r, lr) in rows.items():
-        print(f"| {label} | {r:.3f} | {lr:.2f} |")
+        print(f"| {label} | {r:.3f} | {shown(lr, '.2f')} |")
     kinds = sorted({module_type(blk.name) for blk in blocks})
-    share = lambda x: {k: float(sum(v for blk, v in zip(blocks, x) if module_type(blk.name) == k) / x.sum()) for k in kinds}  # noqa: E731
+
+    def share(x):  # None where the total is 0 (no measured signal at all)
+        return {k: float(sum(v for blk, v in zip(blocks, x) if module_type(blk.name) == k) / x.sum()) if x.sum() > 0 else None
+                for k in kinds}
+
     print("\n| module type | share of S | share of B | share of T | median S_b/T_b ÷ overall | best D share |")
     print("|---|---|---|---|---|---|")
     shares = {name: share(x) for name, x in (("S", s.clamp(min=0)), ("B", b), ("T", t), ("D", best * t))}
     overall = float(s.sum() / t.sum())
     for k in kinds:
         med = statistics.median(float(r) for blk, r in zip(blocks, ratio) if module_type(blk.name) == k) / overall
-        print(f"| {k} | {shares['S'][k]:.3f} | {shares['B'][k]:.3f} | {shares['T'][k]:.3f} | {med:.3g} | {shares['D'][k]:.3f} |")
+        print(f"| {k} | {' | '.join(shown(shares[x][k], '.3f') for x in 'SBT')} | {med:.3g} | {shown(shares['D'][k], '.3f')} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": weights_label(args), "task": args.task, "batches": args.batches, "signal_fraction": signal,
                                                "step_gain": step_gain, "gain": rows,

@@ -16,17 +16,19 @@ ceiling = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ceiling)
 
 
-def test_at_a_lora_run_s_step_a_blocks_are_held_only_while_b_is_zero(tmp_path, tiny_model_dir):
+def test_at_a_lora_run_s_step_a_blocks_are_held_only_while_b_is_zero(tmp_path, tiny_model_dir, capsys):
     """At step 0 (B = 0) every lora_A block has no curvature and gets σ 0; after steps that moved B it
-    has curvature and a σ: the statistics are taken at the rebuilt weights, not the base model's."""
+    has curvature and a σ: the statistics are taken at the rebuilt weights, not the base model's.
+    Where nothing is measured, the tables say – rather than NaN."""
     assert zoft_main(["finetune", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path), "--run-name", "r",
                       "--peft", "lora", "--steps", "3", "--num-train", "1000", "--num-dev", "8", "--num-test", "8",
                       "--batch-size", "4", "--eval-every", "3", "--lr", "5e-2", "--eps", "1e-2"]) == 0
     zero_a = {}
     for step in (0, 3):
         out = tmp_path / f"alloc{step}"
-        ceiling.main(["--at", f"{tmp_path / 'r'}:{step}", "--task", "tweets", "--batches", "2",
+        ceiling.main(["--at", f"{tmp_path / 'r'}:{step}", "--task", "tweets", "--batches", "8",
                       "--oracle-dir", str(tmp_path / "none"), "--out", str(out)])
+        assert "nan" not in capsys.readouterr().out.lower()  # no signal to share out: – rather than NaN
         sigma = load_file(out / "curv-all-a1.safetensors")["sigma"]
         names = [b.name for b in ceiling.collect_blocks(ceiling.rebuilt_model(tmp_path / "r", step)[0])]
         a_blocks = torch.tensor(["lora_A" in n for n in names])
@@ -34,3 +36,12 @@ def test_at_a_lora_run_s_step_a_blocks_are_held_only_while_b_is_zero(tmp_path, t
         zero_a[step] = bool((sigma[a_blocks] == 0).all())
         assert (sigma[~a_blocks] > 0).all()
     assert zero_a == {0: True, 3: False}
+
+
+def test_a_shaping_that_perturbs_no_weight_with_a_gradient_gains_nothing():
+    """R is 0 and there is no best lr (not 0/0) for D that misses every weight with a gradient; a D
+    equal to isotropic directions scores R 1 at SPSA's lr."""
+    ref = tuple(torch.tensor(x, dtype=torch.float64) for x in (2.0, 8.0, 3.0))
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    assert ceiling.shaping_score(zero, zero, zero, 0.1, ref) == (0.0, None)
+    assert ceiling.shaping_score(*ref, 1.0, ref) == (1.0, 1.0)
