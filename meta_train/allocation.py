@@ -80,32 +80,45 @@ def protocol_stream(tokenizer, task_name: str, data_dir=None, batch_size: int = 
     return candidate_token_ids(task, tokenizer), Batches(items, batch_size, seed, tokenizer.pad_token_id)
 
 
-def statistics(model, tokenizer, task_name: str, data_dir=None, batches: int = 16, batch_size: int = 16,
-               num_train: int = 1000, max_length: int = 256, seed: int = 1234, skip: int = 0) -> tuple[list, list[list]]:
-    """(blocks, [S, B, T]): per weight, flat float32 per block, from ``batches`` batches of
-    ``protocol_stream``. S_e = (E g)_e², B_e = E g̃_e², T_e the Fisher diagonal."""
+def batch_samples(model, tokenizer, task_name: str, data_dir=None, batches: int = 16, batch_size: int = 16,
+                  num_train: int = 1000, max_length: int = 256, seed: int = 1234, skip: int = 0):
+    """Per batch of ``protocol_stream``, (g, f): flat float32 vectors per trainable block of the
+    batch gradient g and of a Fisher sample f = Σ_j s_j ∇ℓ_j (labels drawn from the model, random
+    signs s_j), with E (fᵀv)² = Σ_j (∇ℓ_jᵀv)² for any v: the Gauss-Newton curvature of the
+    cross-entropy over the candidates, summed over the batch."""
     cand, stream = protocol_stream(tokenizer, task_name, data_dir, batch_size, seed, num_train, max_length, skip)
     blocks = collect_blocks(model)
-    grad_sum, grad_sq, fisher = ([torch.zeros(b.numel) for b in blocks] for _ in range(3))
     gen = torch.Generator().manual_seed(seed)
+
+    def grads():
+        return [b.param.grad.view(-1).clone() for b in blocks]
+
     for _ in range(batches):
         batch = collate(stream.next_items(), tokenizer.pad_token_id)
         model.zero_grad(set_to_none=True)
         logits = task_logits(model, batch, cand)
         F.cross_entropy(logits, batch["labels"]).backward()
-        for b, total, square in zip(blocks, grad_sum, grad_sq):
-            g = b.param.grad.view(-1)
-            total.add_(g)
-            square.addcmul_(g, g)
+        g = grads()
         with torch.no_grad():
             drawn = torch.multinomial(logits.softmax(-1), 1, generator=gen).view(-1)
             signs = torch.randint(0, 2, drawn.shape, generator=gen).float() * 2 - 1
-        # E_s (Σ_j s_j ∇ℓ_j)² = Σ_j (∇ℓ_j)², elementwise: per-example squares from one backward
         model.zero_grad(set_to_none=True)
         (F.cross_entropy(task_logits(model, batch, cand), drawn, reduction="none") * signs).sum().backward()
-        for b, acc in zip(blocks, fisher):
-            acc.addcmul_(b.param.grad.view(-1), b.param.grad.view(-1))
+        yield g, grads()
     model.zero_grad(set_to_none=True)
+
+
+def statistics(model, tokenizer, task_name: str, data_dir=None, batches: int = 16, batch_size: int = 16,
+               num_train: int = 1000, max_length: int = 256, seed: int = 1234, skip: int = 0) -> tuple[list, list[list]]:
+    """(blocks, [S, B, T]): per weight, flat float32 per block, from ``batches`` batches of
+    ``batch_samples``. S_e = (E g)_e², B_e = E g̃_e², T_e the Fisher diagonal."""
+    blocks = collect_blocks(model)
+    grad_sum, grad_sq, fisher = ([torch.zeros(b.numel) for b in blocks] for _ in range(3))
+    for g, f in batch_samples(model, tokenizer, task_name, data_dir, batches, batch_size, num_train, max_length, seed, skip):
+        for x, total, square, acc, y in zip(g, grad_sum, grad_sq, fisher, f):
+            total.add_(x)
+            square.addcmul_(x, x)
+            acc.addcmul_(y, y)  # E_s (Σ_j s_j ∇ℓ_j)² = Σ_j (∇ℓ_j)², elementwise
     k = batches
     S = [(s * s - q) / (k * (k - 1)) for s, q in zip(grad_sum, grad_sq)]
     return blocks, [S, [q / k for q in grad_sq], [f / (k * batch_size) for f in fisher]]
@@ -159,13 +172,11 @@ def allocate(cfg: AllocateConfig) -> Path:
     sigma = allocation(ratios, cfg.alpha, cfg.spread, held)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")  # never a half-written file under the real name
-    save_block_scales(partial, blocks, sigma, note=json.dumps({
+    save_block_scales(out, blocks, sigma, note=json.dumps({
         "base_model": cfg.model, "tasks": tasks, "alpha": cfg.alpha, "spread": cfg.spread, "batches": cfg.batches,
         "mask": None if cfg.fraction >= 1 else {"fraction": cfg.fraction, "keep": cfg.keep},
         "peft": None if cfg.peft == "none" else {k: getattr(cfg, k) for k in vars(AdapterConfig())},
         "rule": "sigma_b^2 ~ (S_b/T_b)^alpha, S gradient signal, T Fisher trace, geometric mean over tasks"}))
-    partial.replace(out)
     return out
 
 

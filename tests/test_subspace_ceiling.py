@@ -1,0 +1,57 @@
+"""bench/subspace_ceiling.py: the one-step gain of ZO directions drawn within a subspace."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).parents[1] / "bench"
+sys.path.insert(0, str(BENCH))  # the script imports its neighbour ceiling_predict
+spec = importlib.util.spec_from_file_location("subspace_ceiling", BENCH / "subspace_ceiling.py")
+subspace = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(subspace)
+
+
+def _batches(n=12, d=400, seed=0):
+    """Batch gradients around a mean μ along the first axis, with noise larger than μ; Fisher samples alike."""
+    gen = torch.Generator().manual_seed(seed)
+    mean = torch.zeros(d, dtype=torch.float64)
+    mean[0] = 1.0
+    G = mean + 2.0 * torch.randn(n, d, generator=gen, dtype=torch.float64) / d**0.5
+    return G, torch.randn(n, d, generator=gen, dtype=torch.float64), mean
+
+
+def test_the_signal_is_unbiased_where_the_mean_batch_gradient_is_not():
+    """‖E g‖² from different batches' products: over many draws it averages ‖μ‖² = 1, while
+    ‖mean g̃‖² exceeds it by the noise's trace over n (4 / 12)."""
+    draws = [_batches(seed=s) for s in range(300)]
+    unbiased = torch.stack([subspace.signal(G) for G, _, _ in draws]).mean()
+    naive = torch.stack([G.mean(0).square().sum() for G, _, _ in draws]).mean()
+    assert abs(float(unbiased) - 1) < 0.05 and float(naive) > 1.25
+
+
+def test_a_subspace_along_the_mean_gradient_gains_and_one_across_it_does_not():
+    G, F, mean = _batches()
+    along, across = mean[None], torch.eye(len(mean), dtype=torch.float64)[1:2]
+    reference = subspace.isotropic_gain(G, F)
+    assert subspace.subspace_gain(along, G, F) / reference > 20
+    assert subspace.subspace_gain(across, G, F) / reference < 0.1
+    # the leading singular direction of the batches finds μ's axis
+    assert abs(float(subspace.top_rows(G, 1)[0, 0])) > 0.7  # a random unit row: about 0.05
+
+
+def test_the_noise_term_is_exact_in_few_dimensions():
+    """E[(rᵀc)² rᵀMr] over r ~ N(0, I_k), which the gain divides by, against a Monte Carlo average;
+    at k = 2 the high-dimension form ‖c‖² tr M alone falls well short of it."""
+    G, F, _ = _batches()
+    U = torch.linalg.qr(torch.randn(len(G[0]), 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)).Q.T
+    U[0] = G.mean(0) / G.mean(0).norm()  # one row along the signal, so that S > 0
+    U = torch.linalg.qr(U.T).Q.T
+    c, e = G @ U.T, F @ U.T
+    M = e.T @ e / (len(e) * 16)
+    r = torch.randn(200_000, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    sampled = torch.stack([((r @ ci) ** 2 * torch.einsum("ni,ij,nj->n", r, M, r)).mean() for ci in c]).mean()
+    implied = subspace.signal(c) ** 2 / (2 * subspace.subspace_gain(U, G, F))
+    assert abs(float(implied / sampled) - 1) < 0.03
+    assert float(((c * c).sum(1) * M.trace()).mean() / sampled) < 0.8
