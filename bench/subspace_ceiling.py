@@ -92,11 +92,12 @@ def main(argv=None):
     meta = torch.cat([samples(model, tokenizer, t.strip(), args)[0] for t in args.meta.split(",")])
     reference = isotropic_gain(G[scored], F[scored])
     gen = torch.Generator().manual_seed(0)
+    own_rows, meta_rows = top_rows(G[made], max(ks)), top_rows(meta, max(ks))
     rows = {}
     for k in ks:
         random_rows = torch.linalg.qr(torch.randn(G.shape[1], k, generator=gen, dtype=torch.float64)).Q.T
         rows[k] = {name: subspace_gain(U, G[scored], F[scored]) / reference for name, U in (
-            ("random", random_rows), ("own", top_rows(G[made], k)), ("meta", top_rows(meta, k)))}
+            ("random", random_rows), ("own", own_rows[:k]), ("meta", meta_rows[:k]))}
     n = len(G) - half
     fraction = float(signal(G[scored]) / (G[scored] ** 2).sum(1).mean())
     spread = (2 / (n * (n - 1))) ** 0.5  # S averages n(n-1) products g_iᵀg_j, each of spread ≈ B
@@ -108,8 +109,7 @@ def main(argv=None):
     print("| k | R random subspace | R task's own subspace (ceiling) | R meta-made subspace | meta's share of ‖E g‖² |")
     print("|---|---|---|---|---|")
     for k in ks:
-        U = top_rows(meta, k)
-        rows[k]["meta_share"] = float(signal(G[scored] @ U.T) / signal(G[scored]))  # a random U: k / d
+        rows[k]["meta_share"] = float(signal(G[scored] @ meta_rows[:k].T) / signal(G[scored]))  # a random U: k / d
         r = rows[k]
         print(f"| {k} | {r['random']:.3g} | {r['own']:.3g} | {r['meta']:.3g} | {r['meta_share']:.3f} |")
     if args.json:

@@ -55,3 +55,21 @@ def test_the_noise_term_is_exact_in_few_dimensions():
     implied = subspace.signal(c) ** 2 / (2 * subspace.subspace_gain(U, G, F))
     assert abs(float(implied / sampled) - 1) < 0.03
     assert float(((c * c).sum(1) * M.trace()).mean() / sampled) < 0.8
+
+
+def test_the_script_scores_each_k_at_a_lora_run_s_start(tmp_path, tiny_model_dir, capsys):
+    """End to end on a tiny LoRA run: one row per k, finite gains, the figures also in --json."""
+    import json
+
+    from zoft.cli import main as zoft_main
+
+    assert zoft_main(["finetune", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path), "--run-name", "r",
+                      "--peft", "lora", "--steps", "2", "--num-train", "1000", "--num-dev", "8", "--num-test", "8",
+                      "--batch-size", "4", "--eval-every", "2", "--lr", "5e-2", "--eps", "1e-2"]) == 0
+    capsys.readouterr()
+    subspace.main(["--at", f"{tmp_path / 'r'}:0", "--task", "tweets", "--meta", "tweets", "--batches", "8",
+                   "--ks", "1,2", "--json", str(tmp_path / "out.json")])
+    printed = capsys.readouterr().out
+    assert [line.split("|")[1].strip() for line in printed.splitlines() if line.startswith("| ") and line[2].isdigit()] == ["1", "2"]
+    rows = json.loads((tmp_path / "out.json").read_text())["R"]
+    assert set(rows) == {"1", "2"} and all(torch.isfinite(torch.tensor(list(r.values()))).all() for r in rows.values())
