@@ -49,10 +49,13 @@ def along(run: Path, points: list[int]):
     _, task, splits = checked(saved_config(json.loads((run / "config.json").read_text())))
     if len(task.label_words) != 2:
         raise SystemExit(f"{run}: {task.name} is not a two-class task")
+    encoded = None  # every step shares the run's tokenizer: dev and test are encoded once
     for k, (model, tokenizer, cfg, _) in zip(points, rebuilt_models(run, points)):
         model.eval()
-        cand = candidate_token_ids(task, tokenizer)
-        dev, test = (encode(task, part, tokenizer, cfg.max_length) for part in (splits.dev, splits.test))
+        if encoded is None:
+            encoded = [encode(task, part, tokenizer, cfg.max_length) for part in (splits.dev, splits.test)]
+            cand = candidate_token_ids(task, tokenizer)
+        dev, test = encoded
         (md, gd), (mt, gt) = margins(model, dev, cand, tokenizer.pad_token_id), margins(model, test, cand, tokenizer.pad_token_id)
         best = max(SHIFTS.tolist(), key=lambda s: accuracy(md, gd, s))
         yield {"step": k, "dev": accuracy(md, gd), "mean_margin": float(md.mean()), "best_shift": best,

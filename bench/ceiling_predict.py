@@ -132,15 +132,14 @@ def source_run(args) -> Path | None:
     return Path(run) if run else None
 
 
-def zo_skip(args) -> int:
+def zo_skip(run: Path | None, task: str) -> int:
     """How many of the training sample's first examples ZO does not train on: with a run whose
     probe saw a share of them (--head-share), the statistics are those of ZO's part."""
-    run = source_run(args)
     if run is None:
         return 0
     config = json.loads((run / "config.json").read_text())
-    if (config["task"], config["num_train"], config["data_seed"]) != (args.task, 1000, 0):
-        raise SystemExit(f"{run} is not a run on the protocol's {args.task} sample (1000 train, data seed 0)")
+    if (config["task"], config["num_train"], config["data_seed"]) != (task, 1000, 0):
+        raise SystemExit(f"{run} is not a run on the protocol's {task} sample (1000 train, data seed 0)")
     return config["num_train"] - config["split_sizes"]["train"]
 
 
@@ -179,7 +178,7 @@ def load_or_measure(args):
         saved = load_file(args.stats)
         blocks = collect_blocks(model)
         return model, blocks, *([saved[f"{k}/{b.name}"] for b in blocks] for k in "SBT")
-    blocks, (S, B, T) = weight_statistics(model, tokenizer, args.task, args.data_dir, args.batches, skip=zo_skip(args))
+    blocks, (S, B, T) = weight_statistics(model, tokenizer, args.task, args.data_dir, args.batches, skip=zo_skip(source_run(args), args.task))
     if args.stats:
         save_file({f"{k}/{b.name}": x[i].contiguous() for k, x in zip("SBT", (S, B, T)) for i, b in enumerate(blocks)},
                   args.stats, metadata={"model": weights_label(args), "task": args.task, "batches": str(args.batches)})

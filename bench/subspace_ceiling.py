@@ -85,8 +85,7 @@ def main(argv=None):
     model.eval()
     if cfg.task != args.task:
         ap.error(f"{run} is a run on {cfg.task}, not {args.task}")
-    args.head_from = ""  # zo_skip reads the run that --at names
-    G, F = samples(model, tokenizer, args.task, args, skip=zo_skip(args))
+    G, F = samples(model, tokenizer, args.task, args, skip=zo_skip(Path(run), args.task))
     half = len(G) // 2
     made, scored = slice(0, half), slice(half, None)
     meta = torch.cat([samples(model, tokenizer, t.strip(), args)[0] for t in args.meta.split(",")])
