@@ -75,10 +75,17 @@ def main(argv=None) -> dict:
     print(f"| step | meta loss (last {args.every}) | " + " | ".join(f"{n} dev / shifted" for n in names) + " |")
     print("|---|---|" + "---|" * len(names))
     rows, losses = [], []
-    show = lambda r: print(f"| {r['step']} | {r.get('meta_loss', '–')} | "  # noqa: E731
-                           + " | ".join(f"{r[n]['dev']:.3f} / {r[n]['dev_shifted']:.3f}" for n in names) + " |", flush=True)
-    rows.append({"step": 0, **held_out_row(model, held, pad)})
-    show(rows[-1])
+    result = {"meta": args.meta, "held": args.held, "lr": args.lr, "steps": args.steps, "optimizer": "AdamW", "rows": rows}
+
+    def record(row):  # printed and written row by row, so a stopped bench keeps what it measured
+        rows.append(row)
+        print(f"| {row['step']} | {row.get('meta_loss', '–')} | "
+              + " | ".join(f"{row[n]['dev']:.3f} / {row[n]['dev_shifted']:.3f}" for n in names) + " |", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+
+    record({"step": 0, **held_out_row(model, held, pad)})
     for step in range(1, args.steps + 1):
         name = list(meta)[(step - 1) % len(meta)]
         opt.zero_grad(set_to_none=True)
@@ -87,13 +94,8 @@ def main(argv=None) -> dict:
         opt.step()
         losses.append(float(loss.detach()))
         if step % args.every == 0 or step == args.steps:
-            rows.append({"step": step, "meta_loss": round(sum(losses) / len(losses), 4), **held_out_row(model, held, pad)})
-            show(rows[-1])
+            record({"step": step, "meta_loss": round(sum(losses) / len(losses), 4), **held_out_row(model, held, pad)})
             losses = []
-    result = {"meta": args.meta, "held": args.held, "lr": args.lr, "steps": args.steps, "optimizer": "AdamW", "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
     return result
 
 
