@@ -1,15 +1,12 @@
 """bench/calibration.py: dev and test accuracy along a run, rebuilt from its trajectory."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parents[1] / "bench"
-spec = importlib.util.spec_from_file_location("calibration", BENCH / "calibration.py")
-calibration = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(calibration)
+from conftest import bench_script
+
+calibration = bench_script("calibration")
 
 
 @pytest.mark.parametrize("peft, lr", [("none", "5e-2"), ("lora", "1.0")])  # LoRA starts at B = 0: a larger step

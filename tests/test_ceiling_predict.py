@@ -1,19 +1,12 @@
 """bench/ceiling_predict.py --at RUN:STEP: statistics at the weights a run reached, rebuilt from its trajectory."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 from safetensors.torch import load_file
 
 from zoft.cli import main as zoft_main
+from conftest import bench_script
 
-BENCH = Path(__file__).parents[1] / "bench"
-sys.path.insert(0, str(BENCH))  # the script imports its neighbour oracle_scales
-spec = importlib.util.spec_from_file_location("ceiling_predict", BENCH / "ceiling_predict.py")
-ceiling = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ceiling)
+ceiling = bench_script("ceiling_predict")
 
 
 def test_at_a_lora_run_s_step_a_blocks_are_held_only_while_b_is_zero(tmp_path, tiny_model_dir, capsys):

@@ -1,13 +1,9 @@
 """bench/gates.py: issue 11's per-seed gates, on run folders as zoft finetune writes them."""
 
-import importlib.util
-from pathlib import Path
-
 from test_compare import fake_run
+from conftest import bench_script
 
-spec = importlib.util.spec_from_file_location("gates", Path(__file__).parents[1] / "bench" / "gates.py")
-gates = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gates)
+gates = bench_script("gates")
 
 
 def test_gates_hold_only_when_every_seed_passes_both(tmp_path, capsys):

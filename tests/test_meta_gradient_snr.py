@@ -1,14 +1,12 @@
 """bench/meta_gradient_snr.py: the statistics of segment meta-gradients, on gradients of known mean and noise."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-spec = importlib.util.spec_from_file_location("snr", Path(__file__).parents[1] / "bench" / "meta_gradient_snr.py")
-snr = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(snr)
+from conftest import bench_script
+
+snr = bench_script("meta_gradient_snr")
+
 
 MEAN = torch.tensor([3.0, 0.0, 0.0, 0.0])  # ‖μ‖² = 9
 NOISE = torch.tensor([1.0, 2.0, 2.0, 2.0])  # tr Σ = 13

@@ -1,15 +1,10 @@
 """bench/meta_start.py: LoRA adapters trained first-order on meta-training tasks, scored on held-out ones."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).parents[1] / "bench"
-sys.path.insert(0, str(BENCH))  # the script imports its neighbour calibration
-spec = importlib.util.spec_from_file_location("meta_start", BENCH / "meta_start.py")
-meta_start = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(meta_start)
+from conftest import bench_script
+
+meta_start = bench_script("meta_start")
 
 
 def _rows(model_dir, lr, tmp_path):

@@ -1,16 +1,10 @@
 """bench/subspace_ceiling.py: the one-step gain of ZO directions drawn within a subspace."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
-BENCH = Path(__file__).parents[1] / "bench"
-sys.path.insert(0, str(BENCH))  # the script imports its neighbour ceiling_predict
-spec = importlib.util.spec_from_file_location("subspace_ceiling", BENCH / "subspace_ceiling.py")
-subspace = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(subspace)
+from conftest import bench_script
+
+subspace = bench_script("subspace_ceiling")
 
 
 def _batches(n=12, d=400, seed=0):
