@@ -212,6 +212,26 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(where, tmp
     _same_run(tmp_path / "a" / "r", tmp_path / "b" / "r")
 
 
+def test_resume_refuses_a_metrics_file_shorter_than_its_checkpoint_saw(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A metrics.jsonl replaced while the run wrote it (a git stash or checkout under a live run) is
+    shorter than the checkpoint recorded: resume says so in one line and leaves the folder as it is,
+    instead of padding the gap with NUL bytes."""
+    import zoft.logging
+
+    real = zoft.logging.JsonlLogger.log
+    monkeypatch.setattr(zoft.logging.JsonlLogger, "log", lambda self, m, step: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")) if step == 7 and "train/loss" in m else real(self, m, step))
+    assert main(_args(tiny_model_dir, tmp_path, "r", 12)) == 2
+    monkeypatch.undo()
+    metrics = tmp_path / ".r.partial" / "metrics.jsonl"
+    cut = metrics.read_bytes()[: metrics.stat().st_size // 2]
+    metrics.write_bytes(cut)
+    capsys.readouterr()
+    assert main(["finetune", "--resume", str(tmp_path / "r")]) == 2
+    _one_error_line(capsys, "shorter than its checkpoint recorded")
+    assert metrics.read_bytes() == cut and (tmp_path / ".r.partial" / "checkpoint.safetensors").is_file()
+
+
 def test_sigterm_checkpoints_and_stops_then_resume_finishes(tmp_path, tiny_model_dir):
     steps = 60
     assert main(_args(tiny_model_dir, tmp_path / "a", "r", steps)) == 0

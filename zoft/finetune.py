@@ -40,7 +40,7 @@ from zoft import distributed
 from zoft.data import Batches, candidate_token_ids, collate, encode
 from zoft.errors import RunStopped, ZoftError
 from zoft.head import HeadStart, fit_probe, forward_passes
-from zoft.logging import JsonlLogger, WandbLogger
+from zoft.logging import JsonlLogger, WandbLogger, check_metrics_kept
 from zoft.models import checkpoint_reader, load_model, model_id
 from zoft.optimizer import ZOOptimizer, build_optimizer, make_parts
 from zoft.rundir import RunFolder, default_run_name
@@ -579,7 +579,8 @@ def resume(run_dir) -> dict:
     try:
         s = _setup(cfg, task, splits, folder, group)
         progress = _load_checkpoint(s)
-    except BaseException:
+        check_metrics_kept(s.work / "metrics.jsonl", progress.metrics_bytes)
+    except BaseException:  # the folder stays as it was
         folder.release()
         raise
     return _execute(s, progress)

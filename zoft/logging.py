@@ -9,6 +9,18 @@ import json
 import os
 from pathlib import Path
 
+from zoft.errors import ZoftError
+
+
+def check_metrics_kept(path: Path, keep_bytes: int):
+    """A resumed run's metrics.jsonl must still hold every line its checkpoint saw: one replaced while
+    the run wrote it (a git stash or checkout under a live run) is shorter, and cutting it back to
+    ``keep_bytes`` would pad the gap with NUL bytes."""
+    size = path.stat().st_size if path.exists() else 0
+    if size < keep_bytes:
+        raise ZoftError(f"{path} is shorter than its checkpoint recorded ({size} < {keep_bytes} bytes): it was"
+                        " replaced or cut while the run wrote it, so the run cannot continue; remove its folder to rerun")
+
 
 class JsonlLogger:
     def __init__(self, path: Path, keep_bytes: int | None = None):
