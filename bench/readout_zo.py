@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
     first, seeds = next(iter(tasks.values())), [int(s) for s in args.seeds.split(",")]
     kw = {"steps": args.steps}
     results = {"rows": [], "ceilings": []}
-    print("| task | method | lr (edge?) | dev at 25 / 100 / 300 steps (mean) | final dev | test (best-dev rows) |")
+    print(f"| task | method | lr (edge?) | dev at 25 / 100 / {args.steps} steps (mean) | final dev | test (best-dev rows) |")
     print("|---|---|---|---|---|---|")
     for method, make in bases.items():
         lr, edge = pick_lr(first, make(first), **kw)
