@@ -1,6 +1,6 @@
 """The easiest case for shaping ZO's directions: the label rows alone, on frozen features.
 
-    python bench/readout_zo.py [--tasks tweets,sst2] [--meta rte,wic] [--k 16] [--data-dir ../shared/data] [--json OUT]
+    python bench/readout_zo.py [--tasks tweets,sst2] [--meta rte,wic] [--k 16] --data-dir ../shared/data [--json OUT]
 
 Beyond the label prior, what 300 ZO steps would have to learn is at least what the head start's
 probe fits: the K label words' output rows on the frozen model's answer states (tweets: dev 0.875,
@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--data-dir", default="../shared/data")
+    ap.add_argument("--data-dir", default=None, help="where the SST-2 and SuperGLUE files are (../shared/data)")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args(argv)
     model, tokenizer = load_model(args.model)
