@@ -65,3 +65,11 @@ def test_main_prints_a_row_per_task_and_method_and_writes_its_json(tmp_path, tin
     assert all(len(r["test"]) == 2 for r in result["rows"])
     assert len(result["ceilings"]) == 3
     assert len(capsys.readouterr().out.splitlines()) == 2 + 4 + 1 + 2 + 3
+
+
+def test_the_probe_fits_within_its_basis_only():
+    data = _task()
+    start = readout._accuracy(data["rows0"], *data["dev"])
+    full = readout.probe_in(data, torch.eye(12, dtype=torch.float64))
+    nowhere = readout.probe_in(data, torch.zeros(12, 3, dtype=torch.float64))
+    assert full[0] > start + 0.3 and nowhere == (start, readout._accuracy(data["rows0"], *data["test"]))
