@@ -12,7 +12,8 @@ be run on cached states in seconds, with any distribution of directions:
 - ``own-k``: z in the top-k eigenvectors of the task's own answer states' second moment, whitened
   (an oracle: it reads the held-out task's training states);
 - ``meta-k``: the same basis made from the meta-training tasks' states (made once per base model);
-- ``first-order``: SGD on the exact batch gradient, the bound any one-direction ZO step is below.
+- ``first-order``: SGD on the whole batch gradient, of which a ZO step gets one projection (a
+  reference, not a strict bound: a shaped ZO step is a preconditioned gradient step in expectation).
 
 Each method's lr is picked on the first task at seed 0 from a ×2 grid (final dev, ties by the
 area under the dev curve; an lr on the grid's edge is flagged), then run on every task and seed at
@@ -158,7 +159,8 @@ def main(argv=None) -> dict:
     for method, make in bases.items():
         lr, edge = pick_lr(first, make(first), **kw)
         for name, data in tasks.items():
-            runs = [run(data, make(data), lr, s, **kw) for s in seeds]
+            basis = make(data)  # one eigendecomposition a task, not one a seed
+            runs = [run(data, basis, lr, s, **kw) for s in seeds]
             at = [statistics.mean(r["curve"][min(i, len(r["curve"]) - 1)] for r in runs) for i in (1, 4, -1)]
             row = {"task": name, "method": method, "lr": lr, "edge": edge, "dev_at": at,
                    "final_dev": [r["curve"][-1] for r in runs], "test": [r["test"] for r in runs]}
