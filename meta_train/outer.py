@@ -1,6 +1,7 @@
 """The outer step: the meta-gradient for the learned perturbation scales, from a one-step
-look-ahead (``lookahead_loss``) or a K-step unroll of the tuner's own ZO trajectory
-(``unrolled_loss``).
+look-ahead (``lookahead_loss``), a K-step unroll of the tuner's own ZO trajectory
+(``unrolled_loss``), or antithetic evolution strategies over such a segment (``es_gradient``,
+forward passes only).
 
 At θ, with the step's seed and the tuner's normalised scales s = cσ (differentiable, c too):
     L± = L(θ ± ε r_b s_b z_b)                          (no gradient, the engine's hooks)
@@ -111,3 +112,39 @@ def unrolled_loss(opt, loss_fn, meta_batch, steps: list[UnrollStep]) -> tuple[to
             weight = -st.lr * torch.tensor(st.coef, dtype=torch.float64, device=along.device) * along.double()
         surrogate = surrogate + (learned.normalised(learned.sigma(st.state, st.prev_losses)) * weight).sum()
     return surrogate, loss.item()
+
+
+def es_gradient(opt, loss_fn, meta_batch, batches, first_step: int, lrs: list[float], size: float,
+                noise_seed: int) -> tuple[torch.Tensor, float, float]:
+    """(ĝ for the tuner's output biases b2, L⁺_K, L⁻_K): antithetic evolution strategies over one
+    K-step segment of the tuner's own ZO trajectory, forward passes only.
+
+    b2 is each block's σ where the output weights are shrunk (the isotropic start and a prior's);
+    ES moves it and leaves the rest of the network to the gradient objectives: a search over the
+    whole network (449 weights a block) would need a population per block. The segment is run
+    twice from the same θ₀, with b2 ± size·ξ, ξ ~ N(0, I) on the free blocks, on the same batches
+    and directions (common random numbers, so only the scales differ), and
+        ĝ = (L(θ_K⁺) − L(θ_K⁻)) / (2·size) · ξ      (L on ``meta_batch``, which the segment did not train on)
+    is an unbiased estimate of the gradient of the size-smoothed L(θ_K) in b2, with the estimator's
+    coefficients free to respond to the scales (the unroll's surrogate holds them fixed). Costs one
+    copy of the trainable weights, to restart the second run; the model ends at θ_K⁻ with the
+    optimizer's state of that run, the tuner at its unperturbed b2."""
+    net, blocks = opt.perturbation.net, opt.blocks
+    start = [b.param.detach().clone() for b in blocks]
+    state, prev_losses = opt.states["perturbation"], opt.prev_losses
+    b2 = net.b2.detach().clone()
+    xi = torch.randn(b2.shape, generator=torch.Generator().manual_seed(noise_seed), dtype=b2.dtype).to(b2.device)
+    xi = xi * net.free.view(b2.shape)  # a held block's σ is 0 at any b2: no noise spent on it
+    ends = []
+    with torch.no_grad():
+        for sign in (1.0, -1.0):
+            for b, p0 in zip(blocks, start):
+                b.param.copy_(p0)
+            net.b2.copy_(b2 + sign * size * xi)
+            opt.states["perturbation"], opt.prev_losses = state, prev_losses
+            for t, (batch, lr) in enumerate(zip(batches, lrs)):
+                opt.step_count = first_step + t  # the same directions in both runs
+                opt.step(lambda: loss_fn(opt.model, batch), lr=lr)
+            ends.append(loss_fn(opt.model, meta_batch).item())
+        net.b2.copy_(b2)
+    return (ends[0] - ends[1]) / (2 * size) * xi, ends[0], ends[1]

@@ -44,7 +44,7 @@ from zoft.scoring import classification_loss
 from zoft.tasks import get_task, sample_splits
 from zoft.tuner import BlockMLPs, save_tuner, summarise_scales
 
-from meta_train.outer import UnrollStep, lookahead_loss, recorded_step, unrolled_loss
+from meta_train.outer import UnrollStep, es_gradient, lookahead_loss, recorded_step, unrolled_loss
 
 
 TUNER_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -76,12 +76,15 @@ class MetaTrainConfig(AdapterConfig):
         "help": "the batch the look-ahead loss is taken on: same (the paper's: the step's own) or other"
                 " (the task's next batch: only gradient that generalises across batches is rewarded)"})
     objective: str = field(default="lookahead", metadata={
-        "help": "lookahead (the paper's: L after one step, every step) or unroll (L after --horizon steps"
-                " of the tuner's own ZO trajectory, one update per segment; needs --trajectory zo --meta-batch other)"})
-    horizon: int = field(default=10, metadata={"help": "unroll: ZO steps per segment"})
+        "help": "lookahead (the paper's: L after one step, every step), unroll (L after --horizon steps"
+                " of the tuner's own ZO trajectory, one update per segment) or es (the same L, its gradient in each"
+                " block's output bias from two runs of the segment: forward passes only); unroll and es need"
+                " --trajectory zo --meta-batch other"})
+    horizon: int = field(default=10, metadata={"help": "unroll, es: ZO steps per segment"})
     segments_per_update: int = field(default=1, metadata={
-        "help": "unroll: segments whose meta-gradients are averaged into one tuner update (one segment's is"
+        "help": "unroll, es: segments whose meta-gradients are averaged into one tuner update (one segment's is"
                 " mostly noise: bench/meta_gradient_snr.py)"})
+    es_size: float = field(default=0.1, metadata={"help": "es: the sd of the change to each block's output bias (≈ σ_b)"})
     lr_llm: float = 1e-5
     momentum: float = 0.8
     clip: float = 1.0
@@ -102,7 +105,7 @@ class MetaTrainConfig(AdapterConfig):
         for name in ("steps", "restart_every", "batch_size", "num_train"):
             if getattr(self, name) < 1:
                 raise ZoftError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("eps", "lr_update", "lr_tuner", "lr_llm", "clip"):
+        for name in ("eps", "lr_update", "lr_tuner", "lr_llm", "clip", "es_size"):
             if not getattr(self, name) > 0:
                 raise ZoftError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.report_to not in ("none", "wandb"):
@@ -113,11 +116,11 @@ class MetaTrainConfig(AdapterConfig):
             raise ZoftError(f"trajectory must be first-order or zo, got {self.trajectory!r}")
         if self.meta_batch not in ("same", "other"):
             raise ZoftError(f"meta-batch must be same or other, got {self.meta_batch!r}")
-        if self.objective not in ("lookahead", "unroll"):
-            raise ZoftError(f"objective must be lookahead or unroll, got {self.objective!r}")
-        if self.objective == "unroll":
+        if self.objective not in ("lookahead", "unroll", "es"):
+            raise ZoftError(f"objective must be lookahead, unroll or es, got {self.objective!r}")
+        if self.objective != "lookahead":
             if self.trajectory != "zo" or self.meta_batch != "other":
-                raise ZoftError("--objective unroll follows the tuner's own ZO trajectory and takes its loss on a batch"
+                raise ZoftError(f"--objective {self.objective} follows the tuner's own ZO trajectory and takes its loss on a batch"
                                 " the segment did not train on: pass --trajectory zo --meta-batch other")
             if self.horizon < 1 or self.restart_every % self.horizon or self.steps % self.horizon:
                 raise ZoftError(f"horizon must be >= 1 and divide restart-every ({self.restart_every}) and steps"
@@ -140,7 +143,8 @@ class MetaTrainConfig(AdapterConfig):
     def unread_fields(self) -> set[str]:
         """The settings this combination ignores: the card's command leaves them out."""
         unread = {("momentum", "clip"): self.trajectory == "zo",
-                  ("lr_update",): self.objective == "unroll",
+                  ("lr_update",): self.objective != "lookahead",
+                  ("es_size",): self.objective != "es",
                   ("horizon", "segments_per_update"): self.objective == "lookahead",
                   ("kernel_order",): self.estimator != "kernel",
                   ("start",): bool(self.prior)}
@@ -223,12 +227,17 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
     def fresh_llm_optimizer():
         return torch.optim.SGD([b.param for b in blocks], lr=cfg.lr_llm, momentum=cfg.momentum)
 
-    def tuner_step(meta: torch.Tensor, share: float = 1.0, update: bool = True) -> float | None:
-        """Adds ``share`` of the meta-gradient to the tuner's; steps on the sum when ``update``."""
-        (meta * share).backward()
+    def tuner_step(meta: torch.Tensor | dict, share: float = 1.0, update: bool = True) -> float | None:
+        """Adds ``share`` of the meta-gradient to the tuner's; steps on the sum when ``update``.
+        ``meta``: a loss to differentiate, or {parameter: its gradient} (ES's)."""
+        if isinstance(meta, dict):
+            for p, g in meta.items():
+                p.grad = share * g if p.grad is None else p.grad + share * g
+        else:
+            (meta * share).backward()
         if not update:
             return None
-        grad_norm = torch.cat([p.grad.flatten() for p in learned.net.parameters()]).norm().item()
+        grad_norm = torch.cat([p.grad.flatten() for p in learned.net.parameters() if p.grad is not None]).norm().item()
         tuner_opt.step()
         tuner_opt.zero_grad(set_to_none=True)
         return grad_norm
@@ -296,6 +305,36 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
                 "loss": segment.start_loss, "trajectory_loss": lp, "tuner_grad": tuner_grad,
                 "scale": torch.tensor(blocks_opt.last_scales)}
 
+    def es_step(step: int, lr_llm: float) -> dict | None:
+        """At a segment's last step: its K ZO steps, run twice from the same θ₀ with each block's
+        output bias ± es_size·ξ, and the tuner's update on the ES estimate (``outer.es_gradient``)."""
+        if (step + 1) % cfg.horizon:
+            return None
+        first = step + 1 - cfg.horizon
+        task = tasks[(first // cfg.horizon) % len(tasks)]
+        loss_fn = losses[task.name]
+        blocks_opt.states["perturbation"] = LearnedState(sigma_prev[task.name], _block_stats(blocks))
+        blocks_opt.prev_losses = prev_losses[task.name]
+        meta_batch = next(streams[task.name])  # drawn as the unroll draws them: meta batch, then K batches
+        batches = [next(streams[task.name]) for _ in range(cfg.horizon)]
+        with torch.no_grad():
+            start_loss = loss_fn(model, meta_batch).item()
+        grad, plus, minus = es_gradient(blocks_opt, loss_fn, meta_batch, batches, first,
+                                        [period_lr(t) for t in range(first, step + 1)], cfg.es_size,
+                                        derive(cfg.seed, first, 0, 1))  # four keys: never a direction's seed
+        last_of_group = (step + 1) // cfg.horizon % cfg.segments_per_update == 0
+        tuner_grad = tuner_step({learned.net.b2: grad}, 1 / cfg.segments_per_update, update=last_of_group)
+        sigma_prev[task.name] = blocks_opt.states["perturbation"].sigma_prev
+        prev_losses[task.name] = blocks_opt.prev_losses
+        return {"task": task.name, "meta_loss": (plus + minus) / 2, "meta_loss_plus": plus, "meta_loss_minus": minus,
+                "loss_plus": blocks_opt.last["loss_plus"], "loss_minus": blocks_opt.last["loss_minus"],
+                "loss": start_loss, "trajectory_loss": blocks_opt.last["loss_plus"], "tuner_grad": tuner_grad,
+                "scale": torch.tensor(blocks_opt.last_scales)}
+
+    def period_lr(step: int) -> float:  # the LLM's lr decays linearly to 0 over each restart period
+        return cfg.lr_llm * max(0.0, 1 - (step % cfg.restart_every) / cfg.restart_every)
+
+    step_of = {"lookahead": lookahead_step, "unroll": unroll_step, "es": es_step}[cfg.objective]
     llm_opt = fresh_llm_optimizer()
     started = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="meta-train", file=sys.stderr)
@@ -309,8 +348,7 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
                 _checkpoint(out, work, cfg, learned.net, tuner_opt, blocks, streams, sigma_prev, prev_losses, step,
                             curve, log_file.tell())
         model.eval()
-        lr_llm = cfg.lr_llm * max(0.0, 1 - (step % cfg.restart_every) / cfg.restart_every)  # linear decay per period
-        outcome = (unroll_step if cfg.objective == "unroll" else lookahead_step)(step, lr_llm)
+        outcome = step_of(step, period_lr(step))
         if outcome is None:
             continue
         scale = outcome.pop("scale")
@@ -355,7 +393,7 @@ def _write_card(out: Path, work: Path, cfg: MetaTrainConfig, model):
     # L(θ′) − L(θ) on the meta batch: what the tuner's scales bought the look-ahead step, or the
     # unroll's K steps (the losses themselves follow the LLM's trajectory and the task mix)
     gain = smooth(gains)
-    unroll = cfg.objective == "unroll"
+    unroll = cfg.objective != "lookahead"  # one record a segment
     after = "L(θ_K)" if unroll else "L(θ′)"
     steps = [r["step"] for r in records]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
@@ -380,7 +418,9 @@ def _write_card(out: Path, work: Path, cfg: MetaTrainConfig, model):
     use = " ".join(filter(None, ["zoft finetune", cfg.adapter_flags(), f"--tuner {out}"]))
     if unroll:
         what = (f"Segment gain L(θ_K) − L(θ₀) (the loss change over one segment of {cfg.horizon} ZO steps of the"
-                " tuner's own trajectory, on a batch the segment did not train on)")
+                " tuner's own trajectory, on a batch the segment did not train on"
+                + (f"; with ES, the mean of its two runs, each block's output bias ± {cfg.es_size:g}·ξ)"
+                   if cfg.objective == "es" else ")"))
     else:
         what = (f"Look-ahead gain L(θ′) − L(θ) (the loss change of one ZO step of lr {cfg.lr_update:g} with the tuner's"
                 f" scales, on the {'step' if cfg.meta_batch == 'same' else 'task'}'s {'own' if cfg.meta_batch == 'same' else 'next'} batch)")

@@ -110,6 +110,92 @@ def test_the_unrolled_meta_gradient_is_the_exact_gradient_of_the_loss_after_k_st
     assert all(p.grad is None for p in opt.model.parameters())
 
 
+def _run_segment(opt, start, b2, batches, meta_batch, first, lrs):
+    """L(θ_K) on the meta batch after the segment's ZO steps from ``start`` with the tuner's b2 set to ``b2``."""
+    with torch.no_grad():
+        for b, p0 in zip(opt.blocks, start):
+            b.param.copy_(p0)
+        opt.perturbation.net.b2.copy_(b2)
+        opt.states["perturbation"], opt.prev_losses = opt.perturbation.init(opt.blocks), None
+        for t, (batch, lr) in enumerate(zip(batches, lrs)):
+            opt.step_count = first + t
+            opt.step(lambda: lm_loss(opt.model, batch), lr=lr)
+        return lm_loss(opt.model, meta_batch).item()
+
+
+def test_es_is_the_antithetic_difference_of_two_runs_of_one_segment_from_one_start():
+    from meta_train.outer import es_gradient
+
+    gen = torch.Generator().manual_seed(6)
+    batches, meta_batch = [torch.randint(1, 64, (3, 7), generator=gen) for _ in range(3)], IDS
+    opt, net = tuner_optimizer()
+    with torch.no_grad():  # σ then reads the tuner's inputs, which both runs must start from alike
+        net.w2.copy_(0.05 * torch.randn(net.w2.shape, generator=gen))
+    net.free[2] = 0  # a held block gets no noise
+    start = [b.param.detach().clone() for b in opt.blocks]
+    b2 = net.b2.detach().clone()
+    opt.states["perturbation"], opt.prev_losses = opt.perturbation.init(opt.blocks), None
+    grad, plus, minus = es_gradient(opt, lm_loss, meta_batch, batches, 5, [0.05, 0.04, 0.03], 0.2, noise_seed=11)
+    assert torch.equal(net.b2, b2)  # the tuner is left where it was
+    xi = grad / ((plus - minus) / 0.4)
+    assert xi[2].item() == 0 and xi.abs().sum() > 0
+    end = [b.param.detach().clone() for b in opt.blocks]
+    assert plus == pytest.approx(_run_segment(opt, start, b2 + 0.2 * xi, batches, meta_batch, 5, [0.05, 0.04, 0.03]), rel=1e-5)
+    assert minus == pytest.approx(_run_segment(opt, start, b2 - 0.2 * xi, batches, meta_batch, 5, [0.05, 0.04, 0.03]), rel=1e-5)
+    assert plus != minus
+    for got, want in zip(end, (b.param.detach() for b in opt.blocks)):  # the model ends at θ_K⁻
+        torch.testing.assert_close(got, want)
+
+
+def test_es_averages_to_the_gradient_of_the_loss_after_k_steps_in_each_blocks_scale():
+    """Over many draws of ξ (the same segment: batches and directions), ES's mean is the derivative
+    of L(θ_K) in each block's b2, here taken by central differences one block at a time."""
+    from meta_train.outer import es_gradient
+
+    gen = torch.Generator().manual_seed(8)
+    batches, meta_batch, lrs = [torch.randint(1, 64, (3, 7), generator=gen) for _ in range(2)], IDS, [0.3, 0.3]
+    opt, net = tuner_optimizer()
+    start = [b.param.detach().clone() for b in opt.blocks]
+    b2 = net.b2.detach().clone()
+    exact = torch.zeros_like(b2)
+    for i in range(b2.shape[0]):
+        bump = torch.zeros_like(b2)
+        bump[i] = 1e-2
+        exact[i] = (_run_segment(opt, start, b2 + bump, batches, meta_batch, 0, lrs)
+                    - _run_segment(opt, start, b2 - bump, batches, meta_batch, 0, lrs)) / 2e-2
+    total = torch.zeros_like(b2)
+    draws = 600
+    for k in range(draws):
+        with torch.no_grad():
+            for b, p0 in zip(opt.blocks, start):
+                b.param.copy_(p0)
+        opt.states["perturbation"], opt.prev_losses = opt.perturbation.init(opt.blocks), None
+        total += es_gradient(opt, lm_loss, meta_batch, batches, 0, lrs, 1e-2, noise_seed=k)[0]
+    assert exact.abs().max() > 0
+    cosine = torch.nn.functional.cosine_similarity(total.flatten(), exact.flatten(), dim=0)
+    assert cosine > 0.9, cosine
+
+
+def test_es_meta_training_moves_only_each_blocks_output_bias_and_says_so_on_its_card(tmp_path, tiny_model_dir):
+    from meta_train.train import MetaTrainConfig, meta_train
+    from zoft.tuner import read_tuner
+
+    records = []
+    path = meta_train(MetaTrainConfig(output=str(tmp_path / "es"), model=str(tiny_model_dir), tasks="tweets",
+                                      restart_every=4, batch_size=4, num_train=16, lr_llm=1e-2, lr_tuner=1e-2,
+                                      trajectory="zo", meta_batch="other", objective="es", horizon=2, steps=4),
+                      log=records.append)
+    tensors, _ = read_tuner(path)
+    initial = BlockMLPs(tensors["w1"].shape[0], seed=0, start="isotropic")
+    assert [r["step"] for r in records] == [2, 4]  # one record a segment
+    assert all(r["meta_loss"] == pytest.approx((r["meta_loss_plus"] + r["meta_loss_minus"]) / 2) for r in records)
+    assert not torch.equal(tensors["b2"], initial.b2.detach())
+    assert all(torch.equal(tensors[k], getattr(initial, k).detach()) for k in ("w1", "b1", "w2"))
+    card = (tmp_path / "es" / "README.md").read_text()
+    assert "--objective es" in card and "--es-size 0.1" in card and "with ES, the mean of its two runs" in card
+    assert "--lr-update" not in card
+
+
 def test_a_zo_trajectory_moves_the_llm_by_the_engines_own_steps(tmp_path, tiny_model_dir, monkeypatch):
     """--trajectory zo: the LLM takes one ZOOptimizer step per meta-step (the paper's first-order
     trajectory takes none), and --meta-batch other reads a second batch per step."""
@@ -215,8 +301,10 @@ def test_meta_training_changes_the_tuner_writes_a_loadable_artifact_and_resumes(
                                                   ("lr_tuner", 0.0, "lr-tuner must be > 0"),
                                                   ("trajectory", "adam", "trajectory must be first-order or zo"),
                                                   ("meta_batch", "dev", "meta-batch must be same or other"),
-                                                  ("objective", "es", "objective must be lookahead or unroll"),
-                                                  ("objective", "unroll", "pass --trajectory zo --meta-batch other")])
+                                                  ("objective", "pes", "objective must be lookahead, unroll or es"),
+                                                  ("objective", "unroll", "pass --trajectory zo --meta-batch other"),
+                                                  ("objective", "es", "pass --trajectory zo --meta-batch other"),
+                                                  ("es_size", 0.0, "es-size must be > 0")])
 def test_meta_train_config_errors(flag, value, message):
     from meta_train.train import MetaTrainConfig
 
@@ -281,8 +369,10 @@ def test_zoft_never_imports_meta_train():
                                  {"trajectory": "zo", "meta_batch": "other", "lr_llm": 1e-2, "objective": "unroll",
                                   "horizon": 3, "restart_every": 6},
                                  {"trajectory": "zo", "meta_batch": "other", "lr_llm": 1e-2, "objective": "unroll",
-                                  "horizon": 3, "restart_every": 6, "segments_per_update": 2}],
-                         ids=["first-order", "zo", "unroll", "unroll-2-segments-per-update"])
+                                  "horizon": 3, "restart_every": 6, "segments_per_update": 2},
+                                 {"trajectory": "zo", "meta_batch": "other", "lr_llm": 1e-2, "objective": "es",
+                                  "horizon": 3, "restart_every": 6}],
+                         ids=["first-order", "zo", "unroll", "unroll-2-segments-per-update", "es"])
 def test_meta_train_kill_9_then_resume_writes_the_same_tuner_bit_for_bit(tmp_path, tiny_model_dir, how):
     import sys
 
@@ -295,7 +385,7 @@ def test_meta_train_kill_9_then_resume_writes_the_same_tuner_bit_for_bit(tmp_pat
     straight = meta_train(MetaTrainConfig(output=str(tmp_path / "a"), **args))
     cmd = [sys.executable, "-m", "zoft.cli", "meta-train", "--output", str(tmp_path / "b"),
            *[x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]]
-    records = 24 // args.get("horizon", 1) if args.get("objective") == "unroll" else 24  # one per segment
+    records = 24 // args.get("horizon", 1) if args.get("objective") in ("unroll", "es") else 24  # one per segment
     killed_at = _kill_at_random_step(cmd, tmp_path / ".b.meta-train", records, seed=7, marker='"meta_loss"',
                                      log="meta_train.jsonl")
     resumed = meta_train(MetaTrainConfig(output=str(tmp_path / "b"), **args))
