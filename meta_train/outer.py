@@ -122,13 +122,14 @@ def es_gradient(opt, loss_fn, meta_batch, batches, first_step: int, lrs: list[fl
     b2 is each block's σ where the output weights are shrunk (the isotropic start and a prior's);
     ES moves it and leaves the rest of the network to the gradient objectives: a search over the
     whole network (449 weights a block) would need a population per block. The segment is run
-    twice from the same θ₀, with b2 ± size·ξ, ξ ~ N(0, I) on the free blocks, on the same batches
-    and directions (common random numbers, so only the scales differ), and
-        ĝ = (L(θ_K⁺) − L(θ_K⁻)) / (2·size) · ξ      (L on ``meta_batch``, which the segment did not train on)
-    is an unbiased estimate of the gradient of the size-smoothed L(θ_K) in b2, with the estimator's
-    coefficients free to respond to the scales (the unroll's surrogate holds them fixed). Costs one
-    copy of the trainable weights, to restart the second run; the model ends at θ_K⁻ with the
-    optimizer's state of that run, the tuner at its unperturbed b2."""
+    twice from the same θ₀, with b2 ⊙ exp(±size·ξ), ξ ~ N(0, I) on the free blocks (a relative
+    change: scales span decades), on the same batches and directions (common random numbers, so
+    only the scales differ), and
+        ĝ = (L(θ_K⁺) − L(θ_K⁻)) / (2·size) · ξ / b2      (L on ``meta_batch``, which the segment did not train on)
+    estimates the gradient in b2 of the size-smoothed L(θ_K) (ĝ·b2 is the one in log b2), with the
+    estimator's coefficients free to respond to the scales (the unroll's surrogate holds them
+    fixed). Costs one copy of the trainable weights, to restart the second run; the model ends at
+    θ_K⁻ with the optimizer's state of that run, the tuner at its unperturbed b2."""
     net, blocks = opt.perturbation.net, opt.blocks
     start = [b.param.detach().clone() for b in blocks]
     state, prev_losses = opt.states["perturbation"], opt.prev_losses
@@ -140,11 +141,12 @@ def es_gradient(opt, loss_fn, meta_batch, batches, first_step: int, lrs: list[fl
         for sign in (1.0, -1.0):
             for b, p0 in zip(blocks, start):
                 b.param.copy_(p0)
-            net.b2.copy_(b2 + sign * size * xi)
+            net.b2.copy_(b2 * torch.exp(sign * size * xi))
             opt.states["perturbation"], opt.prev_losses = state, prev_losses
             for t, (batch, lr) in enumerate(zip(batches, lrs)):
                 opt.step_count = first_step + t  # the same directions in both runs
                 opt.step(lambda: loss_fn(opt.model, batch), lr=lr)
             ends.append(loss_fn(opt.model, meta_batch).item())
         net.b2.copy_(b2)
-    return (ends[0] - ends[1]) / (2 * size) * xi, ends[0], ends[1]
+    along_log = (ends[0] - ends[1]) / (2 * size) * xi
+    return torch.where(b2 != 0, along_log / b2, torch.zeros_like(b2)), ends[0], ends[1]

@@ -84,7 +84,8 @@ class MetaTrainConfig(AdapterConfig):
     segments_per_update: int = field(default=1, metadata={
         "help": "unroll, es: segments whose meta-gradients are averaged into one tuner update (one segment's is"
                 " mostly noise: bench/meta_gradient_snr.py)"})
-    es_size: float = field(default=0.1, metadata={"help": "es: the sd of the change to each block's output bias (≈ σ_b)"})
+    es_size: float = field(default=0.1, metadata={
+        "help": "es: the sd of the relative change, b2·exp(±size·ξ), to each block's output bias (≈ σ_b)"})
     lr_llm: float = 1e-5
     momentum: float = 0.8
     clip: float = 1.0
@@ -307,7 +308,7 @@ def meta_train(cfg: MetaTrainConfig, log=None) -> Path:
 
     def es_step(step: int, lr_llm: float) -> dict | None:
         """At a segment's last step: its K ZO steps, run twice from the same θ₀ with each block's
-        output bias ± es_size·ξ, and the tuner's update on the ES estimate (``outer.es_gradient``)."""
+        output bias × exp(±es_size·ξ), and the tuner's update on the ES estimate (``outer.es_gradient``)."""
         if (step + 1) % cfg.horizon:
             return None
         first = step + 1 - cfg.horizon
@@ -419,7 +420,7 @@ def _write_card(out: Path, work: Path, cfg: MetaTrainConfig, model):
     if unroll:
         what = (f"Segment gain L(θ_K) − L(θ₀) (the loss change over one segment of {cfg.horizon} ZO steps of the"
                 " tuner's own trajectory, on a batch the segment did not train on"
-                + (f"; with ES, the mean of its two runs, each block's output bias ± {cfg.es_size:g}·ξ)"
+                + (f"; with ES, the mean of its two runs, each block's output bias × exp(±{cfg.es_size:g}·ξ))"
                    if cfg.objective == "es" else ")"))
     else:
         what = (f"Look-ahead gain L(θ′) − L(θ) (the loss change of one ZO step of lr {cfg.lr_update:g} with the tuner's"

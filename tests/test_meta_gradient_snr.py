@@ -33,3 +33,24 @@ def test_a_block_counts_as_significant_by_its_standard_error_not_its_spread():
     gen = torch.Generator().manual_seed(2)
     grads = torch.tensor([0.5, 0.0]) + torch.randn(400, 2, generator=gen, dtype=torch.float64)
     assert snr.summary(grads)["significant"] == 1  # 0.5 is 10 standard errors from 0, half a standard deviation
+
+
+def test_es_on_the_same_segments_leaves_the_unrolls_trajectory_as_it_was():
+    """With ES beside it, each segment is run twice more from its start: the unroll's gradients and gains
+    must be those of the run without ES."""
+    from tests.test_meta_train import lm_loss, tuner_optimizer
+
+    gen = torch.Generator().manual_seed(3)
+    data = [torch.randint(1, 64, (3, 7), generator=gen) for _ in range(40)]
+    runs = {}
+    for es_size in (0.0, 0.05):
+        opt, net = tuner_optimizer()
+        with torch.no_grad():  # σ reads the tuner's inputs: each run of a segment must start from them alike
+            net.w2.copy_(0.05 * torch.randn(net.w2.shape, generator=torch.Generator().manual_seed(4)))
+        opt.states["perturbation"], opt.prev_losses = opt.perturbation.init(opt.blocks), None
+        runs[es_size] = snr.segment_gradients(opt, net, lm_loss, iter(data), 3, 4, 0.2, es_size=es_size)
+    (grads, gains, none), (grads_es, gains_es, es) = runs[0.0], runs[0.05]
+    assert none is None and es.shape == grads.shape
+    torch.testing.assert_close(grads_es, grads)
+    assert gains_es == pytest.approx(gains)
+    assert not torch.allclose(es, grads)
