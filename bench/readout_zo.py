@@ -34,9 +34,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from zoft.data import candidate_token_ids, encode  # noqa: E402
+from zoft.estimators import SPSAConfig, TwoPoint  # noqa: E402
 from zoft.finetune import FinetuneConfig, checked  # noqa: E402
 from zoft.head import answer_features  # noqa: E402
 from zoft.models import load_model  # noqa: E402
+from zoft.rng import derive  # noqa: E402
 
 LRS = [1e-5 * 2**i for i in range(17)]  # 1e-5 ... 0.655
 
@@ -65,13 +67,23 @@ def _loss(rows, states, labels):
     return F.cross_entropy(states @ rows.T, labels)
 
 
+def _objective(name: str):
+    """The training objective on a batch: cross-entropy, or −accuracy (the engine's --objective
+    accuracy, a step function of the rows)."""
+    return _loss if name == "loss" else lambda rows, x, y: -((x @ rows.T).argmax(-1) == y).double().mean()
+
+
 def _accuracy(rows, states, labels) -> float:
     return ((states @ rows.T).argmax(-1) == labels).double().mean().item()
 
 
-def run(data: dict, basis: torch.Tensor | None, lr: float, seed: int, steps=300, batch=16, eps=1e-3, every=25) -> dict:
-    """ZO-SGD on the label rows, directions u = z @ basisᵀ (basis None: first-order SGD). Returns the
-    dev curve and the test accuracy of the best-dev rows."""
+def run(data: dict, basis: torch.Tensor | None, lr: float, seed: int, steps=300, batch=16, eps=1e-3, every=25,
+        estimator=None, objective="loss") -> dict:
+    """ZO-SGD on the label rows, directions u = z @ basisᵀ (basis None: first-order SGD), the
+    coefficient along u from zoft's ``estimator`` (default SPSA at ``eps``) on ``objective``. Returns
+    the dev curve and the test accuracy of the best-dev rows."""
+    estimator = estimator or TwoPoint(SPSAConfig(eps=eps))
+    train_objective = _objective(objective)
     (x, y), (dev_x, dev_y), (test_x, test_y) = data["train"], data["dev"], data["test"]
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(y), generator=g)
@@ -91,8 +103,9 @@ def run(data: dict, basis: torch.Tensor | None, lr: float, seed: int, steps=300,
             rows -= lr * r.grad
             continue
         u = torch.randn(rows.shape[0], basis.shape[1], generator=g, dtype=rows.dtype) @ basis.T
-        coefficient = (_loss(rows + eps * u, bx, by) - _loss(rows - eps * u, bx, by)) / (2 * eps)
-        rows -= lr * coefficient * u
+        probe = estimator.probe(derive(seed, t), t, 1)  # the rows are one block
+        losses = [train_objective(rows + point[0] * u, bx, by).item() for point in probe.points]
+        rows -= lr * estimator.estimate(None, losses, probe, t)[0][0] * u
     if not torch.isfinite(rows).all():
         curve[-1] = float("nan")
     return {"curve": curve, "test": _accuracy(best[1], test_x, test_y)}

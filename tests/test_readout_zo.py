@@ -73,3 +73,43 @@ def test_the_probe_fits_within_its_basis_only():
     full = readout.probe_in(data, torch.eye(12, dtype=torch.float64))
     nowhere = readout.probe_in(data, torch.zeros(12, 3, dtype=torch.float64))
     assert full[0] > start + 0.3 and nowhere == (start, readout._accuracy(data["rows0"], *data["test"]))
+
+
+def test_the_accuracy_objective_is_flat_at_a_small_eps_and_learns_at_a_large_one():
+    """A batch's accuracy is a step function of the rows: at a tiny ε no probe changes a prediction,
+    so the coefficient is 0 and the rows never move; at a large ε it has a slope to follow."""
+    from zoft.estimators import SPSAConfig, TwoPoint
+
+    data = _task()
+    data["rows0"] = torch.randn(2, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)  # no ties
+    eye = torch.eye(12, dtype=torch.float64)
+    flat = readout.run(data, eye, 1.0, seed=0, steps=100, estimator=TwoPoint(SPSAConfig(eps=1e-9)), objective="accuracy")
+    assert len(set(flat["curve"])) == 1
+    learns = readout.run(data, eye, 0.2, seed=0, steps=300, estimator=TwoPoint(SPSAConfig(eps=0.3)), objective="accuracy")
+    assert learns["curve"][-1] > learns["curve"][0] + 0.15
+    # the same tiny ε on the cross-entropy moves the rows
+    assert len(set(readout.run(data, eye, 1.0, seed=0, steps=100, eps=1e-9)["curve"])) > 1
+
+
+def test_a_kernel_estimator_probes_at_its_radii_and_still_learns():
+    from zoft.estimators import Kernel, KernelConfig, SPSAConfig, TwoPoint
+
+    data = _task()
+    eye = torch.eye(12, dtype=torch.float64)
+    spsa = readout.run(data, eye, 0.05, seed=0, steps=300, estimator=TwoPoint(SPSAConfig(eps=1e-3)))
+    assert spsa == readout.run(data, eye, 0.05, seed=0, steps=300)  # SPSA at eps is the default
+    kernel = readout.run(data, eye, 0.02, seed=0, steps=300, estimator=Kernel(KernelConfig(eps=1e-3, kernel_order=2)))
+    assert kernel["curve"][-1] > kernel["curve"][0] + 0.15 and kernel != spsa
+
+
+def test_the_kernel_bench_prints_a_row_per_objective_eps_and_estimator(tmp_path, tiny_model_dir, capsys):
+    kernel_bench = bench_script("readout_kernel")
+    out = tmp_path / "k.json"
+    rows = kernel_bench.main(["--model", str(tiny_model_dir), "--tasks", "tweets", "--eps", "1e-3,1e-1",
+                              "--seeds", "0,1", "--steps", "4", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
+    assert [(r["objective"], r["eps"], r["estimator"]) for r in rows] == [
+        (o, e, n) for o in ("accuracy", "loss") for e in (1e-3, 1e-1) for n in ("SPSA", "kernel, order 2", "kernel, order 4")]
+    assert all(len(r["tweets"]["test"]) == 2 for r in rows)
+    printed = capsys.readouterr().out
+    assert printed.count("\n- ") == 6  # each objective and estimator at its best ε
