@@ -3,7 +3,7 @@
 either training objective: cross-entropy, or the accuracy objective, a step function, where the
 smoothing bias that the kernel cancels is largest.
 
-    python bench/readout_kernel.py --data-dir ../shared/data [--eps 1e-3,1e-2,1e-1,1] [--json OUT]
+    python bench/readout_kernel.py --data-dir ../shared/data [--eps 1e-4,1e-3,1e-2,1e-1,1] [--json OUT]
 
 Per objective, ε and estimator: the lr with the best final dev on the first task at seed 0 (a ×2
 grid, 1e-6 … 8.4; an lr on its edge is flagged), then 3 seeds on both tasks at that lr; isotropic
@@ -21,9 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from readout_zo import _spread, pick_lr, run, task_states  # noqa: E402
+from readout_zo import _spread, add_common_args, held_out_states, pick_lr, run  # noqa: E402
 from zoft.estimators import Kernel, KernelConfig, SPSAConfig, TwoPoint  # noqa: E402
-from zoft.models import load_model  # noqa: E402
 
 LRS = [1e-6 * 2**i for i in range(24)]  # 1e-6 ... 8.4
 
@@ -35,18 +34,11 @@ def estimators(eps: float) -> dict:
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--tasks", default="tweets,sst2", help="held-out tasks; the first picks each lr")
+    add_common_args(ap)
     ap.add_argument("--objectives", default="accuracy,loss")
-    ap.add_argument("--eps", default="1e-3,1e-2,1e-1,1")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--data-dir", default=None, help="where the SST-2 and SuperGLUE files are (../shared/data)")
-    ap.add_argument("--json", help="write the rows here too")
+    ap.add_argument("--eps", default="1e-4,1e-3,1e-2,1e-1,1")
     args = ap.parse_args(argv)
-    model, tokenizer = load_model(args.model)
-    model.eval()
-    tasks = {n: task_states(model, tokenizer, n, args.data_dir, args.model) for n in args.tasks.split(",")}
+    _, _, tasks = held_out_states(args)
     first, seeds = next(iter(tasks.values())), [int(s) for s in args.seeds.split(",")]
     eye = torch.eye(first["rows0"].shape[1], dtype=torch.float64)
     rows = []

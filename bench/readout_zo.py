@@ -143,20 +143,30 @@ def _spread(values) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_args(ap: argparse.ArgumentParser):
+    """The flags every readout bench shares (this one and bench/readout_kernel.py)."""
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tasks", default="tweets,sst2", help="held-out tasks; the first picks each method's lr")
-    ap.add_argument("--meta", default="rte,wic", help="meta-training tasks the meta-k basis is made from")
-    ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--data-dir", default=None, help="where the SST-2 and SuperGLUE files are (../shared/data)")
     ap.add_argument("--json", help="write the results here too")
-    args = ap.parse_args(argv)
+
+
+def held_out_states(args) -> tuple:
+    """(model, tokenizer, {task: task_states}) for ``--tasks``."""
     model, tokenizer = load_model(args.model)
     model.eval()
-    tasks = {n: task_states(model, tokenizer, n, args.data_dir, args.model) for n in args.tasks.split(",")}
+    return model, tokenizer, {n: task_states(model, tokenizer, n, args.data_dir, args.model) for n in args.tasks.split(",")}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap)
+    ap.add_argument("--meta", default="rte,wic", help="meta-training tasks the meta-k basis is made from")
+    ap.add_argument("--k", type=int, default=16)
+    args = ap.parse_args(argv)
+    model, tokenizer, tasks = held_out_states(args)
     meta_states = torch.cat([task_states(model, tokenizer, n, args.data_dir, args.model)["train"][0]
                              for n in args.meta.split(",")])
     hidden = meta_states.shape[1]
