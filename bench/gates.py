@@ -1,6 +1,6 @@
 """Issue 11's must-show gates, per seed, from a grid's run folders alone (no model is loaded).
 
-    python bench/gates.py [bench/results/v2/seeds] [--baseline spsa] [--passes 0.5] [--points 2]
+    python bench/gates.py [bench/results/v2/seeds ...] [--baseline spsa] [--passes 0.5] [--points 2]
 
 For every task and every non-baseline method: each seed's dev accuracy at step 0 (after any head
 start), its range over the run, final dev, the model the run tested (best dev) and its test
@@ -39,17 +39,18 @@ def seed_rows(runs, goal: float, base_reach: float, passes: float, points: float
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("grid_dir", nargs="?", default="bench/results/v2/seeds")
+    ap.add_argument("grid_dirs", nargs="*", default=["bench/results/v2/seeds"],
+                    help="grid folders whose runs are pooled (the baseline's may be in another than a method's)")
     ap.add_argument("--baseline", default="spsa", help="the baseline's method label, as zoft compare prints it")
     ap.add_argument("--passes", type=float, default=0.5, help="reach the baseline's final dev in at most this × its forward passes")
     ap.add_argument("--points", type=float, default=2.0, help="and end at least this many test points above it")
     args = ap.parse_args(argv)
-    run_dirs = sorted(p for p in Path(args.grid_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
+    run_dirs = sorted(p for d in args.grid_dirs for p in Path(d).iterdir() if p.is_dir() and not p.name.startswith("."))
     groups = group_runs([load_run(p) for p in run_dirs], facet="task")
     verdicts = []
     for task, methods in groups.items():
         if args.baseline not in methods:
-            sys.exit(f"zoft: error: no {args.baseline!r} runs for {task} in {args.grid_dir}")
+            sys.exit(f"zoft: error: no {args.baseline!r} runs for {task} in {', '.join(args.grid_dirs)}")
         base = methods[args.baseline]
         goal = statistics.mean(r.summary["final_dev_acc"] for r in base)
         base_test = statistics.mean(r.summary["test_acc_after"] for r in base)
