@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 
 
 def register(subparsers):
@@ -11,7 +12,10 @@ def register(subparsers):
     from meta_train.train import MetaTrainConfig
 
     parser = subparsers.add_parser("meta-train", help="meta-train a base model's perturbation tuner")
+    # the meta-objective, whose own help must win over zoft finetune's --objective in the shared table
+    objective = next(f.metadata["help"] for f in fields(MetaTrainConfig) if f.name == "objective")
     add_config_flags(parser, MetaTrainConfig, {
+        "objective": objective,
         "tasks": "comma-separated tasks, taken round-robin (keep them apart from the tasks you judge it on)",
         "estimator": "the estimator the tuner is fitted to: spsa or kernel",
         "lr_update": "η_u, the look-ahead step (separate from any fine-tuning lr)",

@@ -444,3 +444,13 @@ def test_meta_train_with_lora_makes_a_tuner_for_the_adapters_that_only_a_lora_fi
     capsys.readouterr()
     assert main([*run, "--run-name", "full"]) != 0
     assert "was made for" in capsys.readouterr().err
+
+
+def test_meta_train_help_describes_its_own_objective_not_the_fine_tunes(capsys):
+    from zoft.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["meta-train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "lookahead (the paper's" in text and "or es (the same L" in text
+    assert "what ZO minimises on a batch" not in text
