@@ -52,15 +52,9 @@ def segment_gradients(opt, net, loss_fn, stream, horizon: int, segments: int, lr
         with torch.no_grad():
             before = loss_fn(opt.model, meta_batch).item()
         if es_size:
-            start = [b.param.detach().clone() for b in opt.blocks]
-            state, prev = opt.states["perturbation"], opt.prev_losses
             es, _, _ = es_gradient(opt, loss_fn, meta_batch, batches, step, [lr] * horizon, es_size,
-                                   derive(seed, step, 0, 1))
+                                   derive(seed, step, 0, 1), back_to_start=True)
             es_rows.append(es.view(-1).double() * net.b2.detach().view(-1).double())
-            with torch.no_grad():
-                for b, p0 in zip(opt.blocks, start):
-                    b.param.copy_(p0)
-            opt.states["perturbation"], opt.prev_losses = state, prev
         steps = [recorded_step(opt, lambda: loss_fn(opt.model, batch), step + t, lr) for t, batch in enumerate(batches)]
         step += horizon
         surrogate, after = unrolled_loss(opt, loss_fn, meta_batch, steps)

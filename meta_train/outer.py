@@ -115,7 +115,7 @@ def unrolled_loss(opt, loss_fn, meta_batch, steps: list[UnrollStep]) -> tuple[to
 
 
 def es_gradient(opt, loss_fn, meta_batch, batches, first_step: int, lrs: list[float], size: float,
-                noise_seed: int) -> tuple[torch.Tensor, float, float]:
+                noise_seed: int, back_to_start: bool = False) -> tuple[torch.Tensor, float, float]:
     """(ĝ for the tuner's output biases b2, L⁺_K, L⁻_K): antithetic evolution strategies over one
     K-step segment of the tuner's own ZO trajectory, forward passes only.
 
@@ -129,7 +129,8 @@ def es_gradient(opt, loss_fn, meta_batch, batches, first_step: int, lrs: list[fl
     estimates the gradient in b2 of the size-smoothed L(θ_K) (ĝ·b2 is the one in log b2), with the
     estimator's coefficients free to respond to the scales (the unroll's surrogate holds them
     fixed). Costs one copy of the trainable weights, to restart the second run; the model ends at
-    θ_K⁻ with the optimizer's state of that run, the tuner at its unperturbed b2."""
+    θ_K⁻ with the optimizer's state of that run (``back_to_start``: at θ₀ and the state it started
+    from, for a caller that runs the segment once more), the tuner at its unperturbed b2."""
     net, blocks = opt.perturbation.net, opt.blocks
     start = [b.param.detach().clone() for b in blocks]
     state, prev_losses = opt.states["perturbation"], opt.prev_losses
@@ -137,16 +138,22 @@ def es_gradient(opt, loss_fn, meta_batch, batches, first_step: int, lrs: list[fl
     xi = torch.randn(b2.shape, generator=torch.Generator().manual_seed(noise_seed), dtype=b2.dtype).to(b2.device)
     xi = xi * net.free.view(b2.shape)  # a held block's σ is 0 at any b2: no noise spent on it
     ends = []
+
+    def restart():
+        for b, p0 in zip(blocks, start):
+            b.param.copy_(p0)
+        opt.states["perturbation"], opt.prev_losses = state, prev_losses
+
     with torch.no_grad():
         for sign in (1.0, -1.0):
-            for b, p0 in zip(blocks, start):
-                b.param.copy_(p0)
+            restart()
             net.b2.copy_(b2 * torch.exp(sign * size * xi))
-            opt.states["perturbation"], opt.prev_losses = state, prev_losses
             for t, (batch, lr) in enumerate(zip(batches, lrs)):
                 opt.step_count = first_step + t  # the same directions in both runs
                 opt.step(lambda: loss_fn(opt.model, batch), lr=lr)
             ends.append(loss_fn(opt.model, meta_batch).item())
         net.b2.copy_(b2)
+        if back_to_start:
+            restart()
     along_log = (ends[0] - ends[1]) / (2 * size) * xi
     return torch.where(b2 != 0, along_log / b2, torch.zeros_like(b2)), ends[0], ends[1]
