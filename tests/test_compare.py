@@ -93,6 +93,34 @@ compare: {{out: cmp.png}}
     assert (tmp_path / "out" / "cmp.png").is_file() and (tmp_path / "out" / "table.md").is_file()
 
 
+def test_a_diverging_point_is_recorded_and_the_grid_goes_on(tmp_path, tiny_model_dir, monkeypatch):
+    import zoft.finetune
+    from zoft.grid import run_grid
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"""
+output_dir: {tmp_path / "out"}
+base: {{model: "{tiny_model_dir}", steps: 40, eval_every: 20, num_train: 16, num_dev: 8, num_test: 8, batch_size: 4}}
+grid:
+  lr: [1.0e+3, 1.0e-3]
+name: "lr{{lr:g}}"
+""")
+    real, calls = zoft.finetune.run, []
+    monkeypatch.setattr(zoft.finetune, "run", lambda cfg: calls.append(cfg.run_name) or real(cfg))
+    table = run_grid(grid, log=lambda m: None)
+    out = tmp_path / "out"
+    assert calls == ["lr1000", "lr0.001"]
+    assert not (out / "lr1000").exists() and (out / "lr0.001" / "summary.json").is_file()
+    assert "lower lr" in (out / "lr1000.diverged").read_text()
+    assert "| tweets | spsa | 1 |" in table and "Diverged (no run folder):\n- lr1000: " in table
+    assert (out / "table.md").read_text().strip() == table
+    calls.clear()
+    assert run_grid(grid, log=lambda m: None) == table and calls == []  # nothing reruns
+    (out / "lr1000.diverged").unlink()
+    run_grid(grid, log=lambda m: None)
+    assert calls == ["lr1000"]
+
+
 def test_grid_errors(tmp_path):
     from zoft.grid import run_grid
 

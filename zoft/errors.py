@@ -15,5 +15,10 @@ class RunStopped(ZoftError):
         self.exit_code = exit_code
 
 
+class RunDiverged(ZoftError):
+    """A run stopped because its loss diverged, collapsed or went non-finite: an error for one run,
+    a result for a point of an lr sweep (``zoft grid`` records it and goes on)."""
+
+
 class RunTaken(ZoftError):
     """Another live process holds this run's folder: a grid moves on to its next run."""

@@ -38,7 +38,7 @@ from zoft.blocks import collect_blocks
 from zoft.config import EvalConfig, FinetuneConfig, TaskConfig, torch_dtype  # noqa: F401 (re-exported)
 from zoft import distributed
 from zoft.data import Batches, candidate_token_ids, collate, encode
-from zoft.errors import RunStopped, ZoftError
+from zoft.errors import RunDiverged, RunStopped, ZoftError
 from zoft.head import HeadStart, fit_probe, forward_passes
 from zoft.logging import JsonlLogger, WandbLogger, check_metrics_kept
 from zoft.models import checkpoint_reader, load_model, model_id
@@ -418,10 +418,10 @@ def _watch(s: Session, p: Progress, loss: float):
     start, now = sum(p.first_losses) / len(p.first_losses), sum(p.last_losses) / len(p.last_losses)
     lr, eps = s.opt.update.cfg.lr, s.opt.estimator.eps
     if p.step >= 2 * WINDOW and now > DIVERGED * start:
-        raise ZoftError(f"the run diverges: mean train loss {now:.4g} over the last {WINDOW} steps, {start:.4g} over"
+        raise RunDiverged(f"the run diverges: mean train loss {now:.4g} over the last {WINDOW} steps, {start:.4g} over"
                         f" the first (step {p.step}); lower lr (now {lr:g})")
     if p.flat_steps >= WINDOW and len(set(p.last_losses)) == 1:
-        raise ZoftError(f"the run has collapsed: L+ = L- = {loss:.4g} for {WINDOW} steps (step {p.step}), so the"
+        raise RunDiverged(f"the run has collapsed: L+ = L- = {loss:.4g} for {WINDOW} steps (step {p.step}), so the"
                         f" perturbation no longer moves the loss; lower lr (now {lr:g}) or eps (now {eps:g})")
 
 

@@ -14,8 +14,10 @@ several processes at once: each takes the runs no other holds).
 
 Every run's config is checked before the first run starts. A run whose directory holds a
 summary is complete and skipped, a killed run continues from its last checkpoint (so a killed
-grid resumes where it stopped), and a run another live process holds is left to it; then the
-runs are compared (``table.md`` and the plot in ``output_dir``).
+grid resumes where it stopped), and a run another live process holds is left to it. A run that
+diverges is a result of the sweep, not the end of it: its error line goes into ``NAME.diverged``
+beside the run folders (delete that file to run the point again) and the grid goes on. Then the
+runs are compared (``table.md`` and the plot in ``output_dir``), the diverged ones listed below.
 """
 
 from __future__ import annotations
@@ -97,12 +99,16 @@ def _coerce(config: dict, path) -> dict:
 
 def _run_point(cfg, run_dir: Path, label: str, log) -> bool:
     """Run, resume or skip one point; False when another live process is running it."""
-    from zoft.errors import RunTaken
+    from zoft.errors import RunDiverged, RunTaken
     from zoft.finetune import resume, run
     from zoft.rundir import RunFolder
 
     if (run_dir / "summary.json").is_file():
         log(f"{label}: complete, skipped")
+        return True
+    marker = _diverged_marker(run_dir)
+    if marker.is_file():
+        log(f"{label}: diverged in an earlier pass, skipped (delete {marker} to run it again)")
         return True
     if run_dir.exists():  # a directory without a summary is not ours to reuse
         raise ZoftError(f"{run_dir} exists but is not a complete run; remove it to rerun")
@@ -120,12 +126,22 @@ def _run_point(cfg, run_dir: Path, label: str, log) -> bool:
     except RunTaken:  # another process took it between the check and the claim
         log(f"{label}: running in another process, skipped")
         return False
+    except RunDiverged as e:  # the run removed its folder; what is kept is why
+        tmp = marker.with_name(f".{marker.name}.tmp")
+        tmp.write_text(f"{e}\n")
+        tmp.replace(marker)
+        log(f"{label}: {e}")
+        return True
     except ZoftError:
         if (run_dir / "summary.json").is_file():  # another process finished it as this one started it
             log(f"{label}: finished by another process")
             return True
         raise
     return True
+
+
+def _diverged_marker(run_dir: Path) -> Path:
+    return run_dir.with_name(f"{run_dir.name}.diverged")
 
 
 def grid_configs(path) -> list:
@@ -162,6 +178,8 @@ def run_grid(path, log=print) -> str:
     elsewhere = [c.run_name for i, c in enumerate(configs, 1)
                  if not _run_point(c, out / c.run_name, f"[{i}/{len(configs)}] {c.run_name}", log)]
     elsewhere = [name for name in elsewhere if not (out / name / "summary.json").is_file()]
+    diverged = {c.run_name: _diverged_marker(out / c.run_name) for c in configs}
+    diverged = {name: marker.read_text().strip() for name, marker in diverged.items() if marker.is_file()}
     if elsewhere:
         return (f"{len(elsewhere)} of {len(configs)} runs are still running in other processes"
                 f" ({', '.join(elsewhere)}); the grid that finishes the last one writes {out / 'table.md'}")
@@ -171,7 +189,10 @@ def run_grid(path, log=print) -> str:
     with TableLock(out) as lock:
         if not lock.held:
             opts.pop("out", None)  # another process is writing the same plot
-        result = compare([out / c.run_name for c in configs], facet=opts.pop("facet", "task"), **opts)
+        finished = [out / c.run_name for c in configs if c.run_name not in diverged]
+        result = compare(finished, facet=opts.pop("facet", "task"), **opts) if finished else "No run finished."
+        if diverged:
+            result += "\n\nDiverged (no run folder):\n" + "\n".join(f"- {n}: {why}" for n, why in diverged.items())
         if lock.held:
             tmp = out / ".table.md.tmp"
             tmp.write_text(result + "\n")

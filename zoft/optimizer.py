@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from zoft.blocks import collect_blocks
-from zoft.errors import ZoftError
+from zoft.errors import RunDiverged, ZoftError
 from zoft.noise import make_noise
 from zoft.perturb import Perturber
 from zoft.registry import build
@@ -88,7 +88,7 @@ class ZOOptimizer:
         probes = [self.estimator.probe(seed, t, len(self.blocks)) for seed in seeds]
         values = self._losses(seeds, probes, sigma, closure)
         if not all(math.isfinite(v) for row in values for v in row):
-            raise ZoftError(f"non-finite loss at step {t} (losses {values}); this step was not applied"
+            raise RunDiverged(f"non-finite loss at step {t} (losses {values}); this step was not applied"
                             " - lower lr or eps")
         grad, metrics = self._estimate(values, probes, sigma, states)
         applied, states["update"] = self.update.step(
