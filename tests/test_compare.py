@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -57,20 +58,24 @@ def test_compare_refuses_mixed_tasks_and_models(tmp_path, capsys):
     assert main(["compare", str(b), "--x", "tokens"]) == 2
 
 
+def _grid_file(tmp_path, model_dir, schedule: str, rest: str) -> Path:
+    """A grid of tiny runs into tmp_path/out: ``schedule`` joins the base settings, ``rest`` is
+    the grid's body and what follows it."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"output_dir: {tmp_path / 'out'}\nbase: {{model: \"{model_dir}\", {schedule}, num_train: 16,"
+                    f" num_dev: 8, num_test: 8, batch_size: 4}}\ngrid:{rest}\n")
+    return grid
+
+
 def test_grid_resumes_after_a_kill_without_rerunning_finished_runs(tmp_path, tiny_model_dir, monkeypatch):
     import zoft.finetune
     from zoft.grid import run_grid
 
-    grid = tmp_path / "grid.yaml"
-    grid.write_text(f"""
-output_dir: {tmp_path / "out"}
-base: {{model: "{tiny_model_dir}", steps: 2, eval_every: 1, num_train: 16, num_dev: 8, num_test: 8, batch_size: 4}}
-grid:
-  method: [{{estimator: spsa, lr: 1.0e-3}}, {{estimator: kernel, lr: 1.0e-4}}]
+    grid = _grid_file(tmp_path, tiny_model_dir, "steps: 2, eval_every: 1", """
+  method: [{estimator: spsa, lr: 1.0e-3}, {estimator: kernel, lr: 1.0e-4}]
   seed: [0, 1]
-name: "{{estimator}}-s{{seed}}"
-compare: {{out: cmp.png}}
-""")
+name: "{estimator}-s{seed}"
+compare: {out: cmp.png}""")
     real, calls = zoft.finetune.run, []
 
     def killed_on_third(cfg):
@@ -97,14 +102,7 @@ def test_a_diverging_point_is_recorded_and_the_grid_goes_on(tmp_path, tiny_model
     import zoft.finetune
     from zoft.grid import run_grid
 
-    grid = tmp_path / "grid.yaml"
-    grid.write_text(f"""
-output_dir: {tmp_path / "out"}
-base: {{model: "{tiny_model_dir}", steps: 40, eval_every: 20, num_train: 16, num_dev: 8, num_test: 8, batch_size: 4}}
-grid:
-  lr: [1.0e+3, 1.0e-3]
-name: "lr{{lr:g}}"
-""")
+    grid = _grid_file(tmp_path, tiny_model_dir, "steps: 40, eval_every: 20", "\n  lr: [1.0e+3, 1.0e-3]\nname: \"lr{lr:g}\"")
     real, calls = zoft.finetune.run, []
     monkeypatch.setattr(zoft.finetune, "run", lambda cfg: calls.append(cfg.run_name) or real(cfg))
     table = run_grid(grid, log=lambda m: None)
