@@ -419,10 +419,10 @@ def _watch(s: Session, p: Progress, loss: float):
     lr, eps = s.opt.update.cfg.lr, s.opt.estimator.eps
     if p.step >= 2 * WINDOW and now > DIVERGED * start:
         raise RunDiverged(f"the run diverges: mean train loss {now:.4g} over the last {WINDOW} steps, {start:.4g} over"
-                        f" the first (step {p.step}); lower lr (now {lr:g})")
+                          f" the first (step {p.step}); lower lr (now {lr:g})")
     if p.flat_steps >= WINDOW and len(set(p.last_losses)) == 1:
         raise RunDiverged(f"the run has collapsed: L+ = L- = {loss:.4g} for {WINDOW} steps (step {p.step}), so the"
-                        f" perturbation no longer moves the loss; lower lr (now {lr:g}) or eps (now {eps:g})")
+                          f" perturbation no longer moves the loss; lower lr (now {lr:g}) or eps (now {eps:g})")
 
 
 def _finish(s: Session, p: Progress, started: float) -> dict:

@@ -89,7 +89,7 @@ class ZOOptimizer:
         values = self._losses(seeds, probes, sigma, closure)
         if not all(math.isfinite(v) for row in values for v in row):
             raise RunDiverged(f"non-finite loss at step {t} (losses {values}); this step was not applied"
-                            " - lower lr or eps")
+                              " - lower lr or eps")
         grad, metrics = self._estimate(values, probes, sigma, states)
         applied, states["update"] = self.update.step(
             states["update"], seeds, grad, t, self.blocks, lambda g: self.perturber.combination_norms(seeds, g), lr=lr)
