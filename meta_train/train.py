@@ -428,7 +428,7 @@ def _write_card(out: Path, work: Path, cfg: MetaTrainConfig, model):
     body = f"""# Perturbation tuner: {out.name}
 
 Base model: {model_id(cfg.model)} ({len(collect_blocks(model))} blocks). Meta-trained for the `{cfg.estimator}`
-estimator on: {cfg.tasks}. Use it with `{use}` (or `--tuner auto`).
+estimator on: {cfg.tasks}. Use it with `{use}` (`--tuner auto` finds it once it is in `pretrained_tuners/`).
 
 Made with:
 
