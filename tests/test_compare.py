@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,33 @@ def test_a_diverging_point_is_recorded_and_the_grid_goes_on(tmp_path, tiny_model
     (out / "lr1000.diverged").unlink()
     run_grid(grid, log=lambda m: None)
     assert calls == ["lr1000"]
+
+
+def test_a_grid_says_whether_each_settings_best_lr_is_inside_its_lrs(tmp_path, tiny_model_dir):
+    from zoft.grid import grid_configs, lr_brackets
+
+    grid = _grid_file(tmp_path, tiny_model_dir, "steps: 2, eval_every: 1",
+                      '\n  estimator: [spsa, kernel]\n  lr: [1.0e-3, 2.0e-3, 4.0e-3]\nname: "{estimator}-lr{lr:g}"')
+    # dev curves (steps 0, 1, 2): spsa peaks at 2e-3; kernel ties at 1e-3 and 4e-3 on final dev, and
+    # 4e-3 got there sooner (larger dev AUC)
+    curves = {"spsa-lr0.001": [0.5, 0.5, 0.6], "spsa-lr0.002": [0.5, 0.7, 0.8], "spsa-lr0.004": [0.5, 0.6, 0.7],
+              "kernel-lr0.001": [0.5, 0.5, 0.8], "kernel-lr0.002": [0.5, 0.6, 0.6], "kernel-lr0.004": [0.5, 0.8, 0.8]}
+    out = tmp_path / "out"
+    for name, dev in curves.items():
+        (out / name).mkdir(parents=True)
+        (out / name / "config.json").write_text(json.dumps({"task": "tweets"}))
+        (out / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": i, "dev/acc": a, "forward_passes": 2 * i}) + "\n" for i, a in enumerate(dev)))
+        (out / name / "summary.json").write_text(json.dumps({"final_dev_acc": dev[-1]}))
+    configs = grid_configs(grid)
+    assert lr_brackets(configs, out, {}) == [
+        "- spsa-lr0.002: best of lr 0.001, 0.002, 0.004, strictly inside",
+        "- kernel-lr0.004: best of lr 0.001, 0.002, 0.004, on the top edge: extend the grid up"]
+    # a diverged lr is the worst of the sweep, and it still bounds the bracket
+    for name in ("spsa-lr0.004", "spsa-lr0.002"):
+        shutil.rmtree(out / name)
+    spsa = lr_brackets(configs, out, {"spsa-lr0.004": "diverges", "spsa-lr0.002": "diverges"})[0]
+    assert spsa == "- spsa-lr0.001: best of lr 0.001, 0.002, 0.004, on the bottom edge: extend the grid down"
 
 
 def test_grid_errors(tmp_path):

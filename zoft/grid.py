@@ -17,14 +17,18 @@ summary is complete and skipped, a killed run continues from its last checkpoint
 grid resumes where it stopped), and a run another live process holds is left to it. A run that
 diverges is a result of the sweep, not the end of it: its error line goes into ``NAME.diverged``
 beside the run folders (delete that file to run the point again) and the grid goes on. Then the
-runs are compared (``table.md`` and the plot in ``output_dir``), the diverged ones listed below.
+runs are compared (``table.md`` and the plot in ``output_dir``), the diverged ones listed below,
+and for every setting run at several lrs the table says whether its best lr is strictly inside
+them: a setting picked from a grid is only trusted when it is.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import statistics
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from zoft.errors import ZoftError
@@ -144,6 +148,35 @@ def _diverged_marker(run_dir: Path) -> Path:
     return run_dir.with_name(f"{run_dir.name}.diverged")
 
 
+def lr_brackets(configs, out: Path, diverged) -> list[str]:
+    """Where each setting's best lr (mean final dev accuracy over its seeds, ties by mean dev AUC; a
+    diverged lr is the worst) sits among the lrs the grid ran that setting at."""
+    from zoft.compare import _mean_level, curve, load_run
+
+    sweeps: dict[str, dict[float, list[str]]] = {}
+    for c in configs:
+        setting = {k: v for k, v in asdict(c).items() if k not in ("lr", "seed", "run_name")}
+        sweeps.setdefault(json.dumps(setting, sort_keys=True, default=str), {}).setdefault(c.lr, []).append(c.run_name)
+
+    def score(names):
+        if any(n in diverged for n in names):
+            return (float("-inf"), float("-inf"))
+        runs = [load_run(out / n) for n in names]
+        return (statistics.mean(r.summary["final_dev_acc"] for r in runs),
+                statistics.mean(_mean_level(*curve(r, "forward_passes", "dev_acc")) for r in runs))
+
+    lines = []
+    for by_lr in sweeps.values():
+        if len(by_lr) < 2:
+            continue
+        lrs = sorted(by_lr)
+        best = max(lrs, key=lambda lr: score(by_lr[lr]))
+        where = ("strictly inside" if lrs[0] < best < lrs[-1] else
+                 f"on the {'top' if best == lrs[-1] else 'bottom'} edge: extend the grid {'up' if best == lrs[-1] else 'down'}")
+        lines.append(f"- {by_lr[best][0]}: best of lr {', '.join(f'{lr:g}' for lr in lrs)}, {where}")
+    return lines
+
+
 def grid_configs(path) -> list:
     """Every point's checked FinetuneConfig, in YAML order; nothing runs."""
     from zoft.finetune import FinetuneConfig
@@ -193,6 +226,9 @@ def run_grid(path, log=print) -> str:
         result = compare(finished, facet=opts.pop("facet", "task"), **opts) if finished else "No run finished."
         if diverged:
             result += "\n\nDiverged (no run folder):\n" + "\n".join(f"- {n}: {why}" for n, why in diverged.items())
+        brackets = lr_brackets(configs, out, diverged)
+        if brackets:
+            result += "\n\nlr brackets (best by final dev acc, ties by dev AUC):\n" + "\n".join(brackets)
         if lock.held:
             tmp = out / ".table.md.tmp"
             tmp.write_text(result + "\n")
