@@ -131,9 +131,7 @@ def _run_point(cfg, run_dir: Path, label: str, log) -> bool:
         log(f"{label}: running in another process, skipped")
         return False
     except RunDiverged as e:  # the run removed its folder; what is kept is why
-        tmp = marker.with_name(f".{marker.name}.tmp")
-        tmp.write_text(f"{e}\n")
-        tmp.replace(marker)
+        _write_whole(marker, f"{e}\n")
         log(f"{label}: {e}")
         return True
     except ZoftError:
@@ -146,6 +144,13 @@ def _run_point(cfg, run_dir: Path, label: str, log) -> bool:
 
 def _diverged_marker(run_dir: Path) -> Path:
     return run_dir.with_name(f"{run_dir.name}.diverged")
+
+
+def _write_whole(path: Path, text: str):
+    """Write beside ``path``, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def lr_brackets(configs, out: Path, diverged) -> list[str]:
@@ -211,11 +216,11 @@ def run_grid(path, log=print) -> str:
     elsewhere = [c.run_name for i, c in enumerate(configs, 1)
                  if not _run_point(c, out / c.run_name, f"[{i}/{len(configs)}] {c.run_name}", log)]
     elsewhere = [name for name in elsewhere if not (out / name / "summary.json").is_file()]
-    diverged = {c.run_name: _diverged_marker(out / c.run_name) for c in configs}
-    diverged = {name: marker.read_text().strip() for name, marker in diverged.items() if marker.is_file()}
     if elsewhere:
         return (f"{len(elsewhere)} of {len(configs)} runs are still running in other processes"
                 f" ({', '.join(elsewhere)}); the grid that finishes the last one writes {out / 'table.md'}")
+    markers = {c.run_name: _diverged_marker(out / c.run_name) for c in configs}
+    diverged = {name: marker.read_text().strip() for name, marker in markers.items() if marker.is_file()}
     opts = dict(spec.get("compare") or {})
     if "out" in opts:
         opts["out"] = out / opts["out"]
@@ -230,9 +235,7 @@ def run_grid(path, log=print) -> str:
         if brackets:
             result += "\n\nlr brackets (best by final dev acc, ties by dev AUC):\n" + "\n".join(brackets)
         if lock.held:
-            tmp = out / ".table.md.tmp"
-            tmp.write_text(result + "\n")
-            tmp.replace(out / "table.md")
+            _write_whole(out / "table.md", result + "\n")
     return result
 
 
