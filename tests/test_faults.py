@@ -170,6 +170,27 @@ def test_a_grid_leaves_a_run_another_process_holds_and_the_last_to_finish_writes
     assert "| 2 |" in (tmp_path / "grid" / "table.md").read_text()  # both seeds, one group
 
 
+def test_a_run_that_diverged_in_another_process_counts_as_done(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import zoft.grid
+    from zoft.rundir import RunFolder
+
+    grid = _grid_file(tmp_path, tiny_model_dir, [0, 1])
+    held = RunFolder(tmp_path / "grid" / "s0")
+    held.reserve()  # another grid's process runs s0 ...
+    real = zoft.grid._run_point
+
+    def and_it_diverges_meanwhile(cfg, run_dir, label, log):
+        taken = real(cfg, run_dir, label, log)
+        if not taken:  # ... and its run diverges while this process runs s1
+            held.discard()
+            (run_dir.parent / "s0.diverged").write_text("the run diverges\n")
+        return taken
+
+    monkeypatch.setattr(zoft.grid, "_run_point", and_it_diverges_meanwhile)
+    assert main(["grid", str(grid)]) == 0
+    assert "Diverged (no run folder):\n- s0: the run diverges" in (tmp_path / "grid" / "table.md").read_text()
+
+
 def test_two_grids_started_at_once_share_the_runs_and_run_each_once(tmp_path, tiny_model_dir):
     grid = _grid_file(tmp_path, tiny_model_dir, [0, 1, 2, 3])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

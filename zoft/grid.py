@@ -215,7 +215,8 @@ def run_grid(path, log=print) -> str:
     check_writable(out, "grid output_dir")
     elsewhere = [c.run_name for i, c in enumerate(configs, 1)
                  if not _run_point(c, out / c.run_name, f"[{i}/{len(configs)}] {c.run_name}", log)]
-    elsewhere = [name for name in elsewhere if not (out / name / "summary.json").is_file()]
+    elsewhere = [name for name in elsewhere  # what the other processes finished, or saw diverge, is done
+                 if not ((out / name / "summary.json").is_file() or _diverged_marker(out / name).is_file())]
     if elsewhere:
         return (f"{len(elsewhere)} of {len(configs)} runs are still running in other processes"
                 f" ({', '.join(elsewhere)}); the grid that finishes the last one writes {out / 'table.md'}")
