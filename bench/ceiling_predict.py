@@ -47,10 +47,12 @@ import torch  # noqa: E402
 
 from zoft.block_scales import read_block_scales, save_block_scales  # noqa: E402
 from zoft.blocks import collect_blocks  # noqa: E402
+from zoft.data import candidate_token_ids  # noqa: E402
 from zoft.errors import ZoftError  # noqa: E402
 from zoft.finetune import rebuilt_model  # noqa: E402
 from zoft.head import HeadStart  # noqa: E402
 from zoft.models import DEFAULT_MODEL, load_model  # noqa: E402
+from zoft.tasks import get_task  # noqa: E402
 
 from meta_train.allocation import allocation, block_sums, mask_of, statistics as weight_statistics  # noqa: E402
 from oracle_scales import module_type  # noqa: E402  (bench/, the script's own folder)
@@ -177,12 +179,33 @@ def load_or_measure(args):
             raise SystemExit(f"{args.stats} holds statistics of {made.get('model')} on {made.get('task', 'tweets')}")
         saved = load_file(args.stats)
         blocks = collect_blocks(model)
-        return model, blocks, *([saved[f"{k}/{b.name}"] for b in blocks] for k in "SBT")
+        return model, tokenizer, blocks, *([saved[f"{k}/{b.name}"] for b in blocks] for k in "SBT")
     blocks, (S, B, T) = weight_statistics(model, tokenizer, args.task, args.data_dir, args.batches, skip=zo_skip(source_run(args), args.task))
     if args.stats:
         save_file({f"{k}/{b.name}": x[i].contiguous() for k, x in zip("SBT", (S, B, T)) for i, b in enumerate(blocks)},
                   args.stats, metadata={"model": weights_label(args), "task": args.task, "batches": str(args.batches)})
-    return model, blocks, S, B, T
+    return model, tokenizer, blocks, S, B, T
+
+
+def label_row_rows(model, tokenizer, task: str, blocks, S, B, T, scored) -> dict:
+    """({label: (R, lr ratio)}, {S, B, T: the label rows' share}) for a scale on the label words'
+    output rows (the rest isotropic) and for those rows alone: the shaping a tuner could learn from
+    any classification task, since every such task has label rows. Empty where the output embedding
+    is not a trainable block (peft adapters)."""
+    cand = candidate_token_ids(get_task(task), tokenizer)
+    weight = model.get_output_embeddings().weight
+    head = next((i for i, blk in enumerate(blocks) if blk.param is weight), None)
+    if cand is None or head is None:
+        return {}, {}
+    row_sums = [X[head].view(-1, blocks[head].row_len)[cand].double().sum() for X in (S, B, T)]
+    totals = [torch.stack([x.double().sum() for x in X]).sum() for X in (S, B, T)]
+    size, numel = cand.numel() * blocks[head].row_len, float(sum(blk.numel for blk in blocks))
+    rows = {}
+    for k in (10.0, 100.0, 1000.0):  # σ² of the label rows × k
+        rows[f"label rows σ² ×{k:g}, the rest isotropic"] = scored(
+            *(t + (k - 1) * r for t, r in zip(totals, row_sums)), torch.tensor(numel + (k - 1) * size, dtype=torch.float64))
+    rows["label rows alone"] = scored(*row_sums, torch.tensor(float(size), dtype=torch.float64))
+    return rows, {k: float(r / t) for k, r, t in zip("SBT", row_sums, totals)}
 
 
 def main(argv=None):
@@ -201,7 +224,7 @@ def main(argv=None):
     if args.at and (args.head_from or args.model != DEFAULT_MODEL):
         ap.error("--at measures at a run's own weights: not with --head-from or --model")
     torch.manual_seed(0)
-    model, blocks, S, B, T = load_or_measure(args)
+    model, tokenizer, blocks, S, B, T = load_or_measure(args)
     s, b, t = (torch.stack([x.double().sum() for x in X]) for X in (S, B, T))
     ref = (s.sum(), b.sum(), t.sum())
     rows = {}  # label -> (R, best lr relative to isotropic at equal ‖u‖²)
@@ -267,6 +290,8 @@ def main(argv=None):
         # a shape that keeps no weight with a gradient gains nothing whatever the per-block scale
         best_on_shape = best_block_weights(*sums[:3], ref)[0] if sums[1].sum() > 0 else torch.ones_like(sums[1])
         rows[f"best per-block D within ×10, on {name}"] = block_gain_of(best_on_shape, *sums)
+    label_rows, label_shares = label_row_rows(model, tokenizer, args.task, blocks, S, B, T, scored)
+    rows.update(label_rows)
     signal = float(ref[0] / ref[1])  # ‖E g‖² / E‖g̃‖²: near 0, the batch gradient is almost all noise
     # S averages the k(k-1) products g_iᵀg_j (i ≠ j), each of spread ≈ B: its standard error
     spread = (2 / (args.batches * (args.batches - 1))) ** 0.5
@@ -282,6 +307,8 @@ def main(argv=None):
           * bool(rows))
     for label, (r, lr) in rows.items():
         print(f"| {label} | {r:.3f} | {shown(lr, '.2f')} |")
+    if label_shares:
+        print(f"\nThe label rows hold {' / '.join(f'{label_shares[k]:.3f}' for k in 'SBT')} of S / B / T.")
     kinds = sorted({module_type(blk.name) for blk in blocks})
 
     def share(x):  # None where the total is 0 (no measured signal at all)
@@ -297,7 +324,7 @@ def main(argv=None):
         print(f"| {k} | {' | '.join(shown(shares[x][k], '.3f') for x in 'SBT')} | {med:.3g} | {shown(shares['D'][k], '.3f')} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": weights_label(args), "task": args.task, "batches": args.batches, "signal_fraction": signal,
-                                               "step_gain": step_gain, "gain": rows,
+                                               "step_gain": step_gain, "gain": rows, "label_row_shares": label_shares,
                                                "shares": shares}, indent=1) + "\n")
 
 

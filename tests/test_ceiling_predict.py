@@ -38,3 +38,39 @@ def test_a_shaping_that_perturbs_no_weight_with_a_gradient_gains_nothing():
     zero = torch.tensor(0.0, dtype=torch.float64)
     assert ceiling.shaping_score(zero, zero, zero, 0.1, ref) == (0.0, None)
     assert ceiling.shaping_score(*ref, 1.0, ref) == (1.0, 1.0)
+
+
+def test_label_row_scores_come_from_the_label_words_rows(tiny_model_dir):
+    """Statistics that hold their signal on the task's label rows alone: those rows alone gain
+    over isotropic directions, and scaling them up closes in on that from below. The same
+    statistics on other rows of the output embedding gain nothing from the label rows. A model
+    whose output embedding is not trained (peft adapters) gets no such rows."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = ceiling.load_model(str(tiny_model_dir))
+    blocks = ceiling.collect_blocks(model)
+    cand = ceiling.candidate_token_ids(ceiling.get_task("tweets"), tokenizer)
+    weight = model.get_output_embeddings().weight
+    head = next(i for i, b in enumerate(blocks) if b.param is weight)
+
+    def stats(signal_rows):
+        S = [torch.full((b.numel,), 1e-3) for b in blocks]
+        S[head].view(-1, blocks[head].row_len)[signal_rows] = 1.0
+        return S, [torch.ones(b.numel) for b in blocks], [torch.ones(b.numel) for b in blocks]
+
+    numel = sum(b.numel for b in blocks)
+
+    def scores(signal_rows):
+        S, B, T = stats(signal_rows)
+        ref = tuple(torch.stack([x.double().sum() for x in X]).sum() for X in (S, B, T))
+        return ceiling.label_row_rows(model, tokenizer, "tweets", blocks, S, B, T,
+                                      lambda *sums: ceiling.shaping_score(*sums[:3], sums[3] / numel, ref))
+
+    gains, shares = scores(cand)
+    on_label_rows = [r for r, _ in gains.values()]
+    assert shares["S"] > 0.5 and shares["B"] == shares["T"] == len(cand) * weight.shape[1] / numel
+    assert on_label_rows[0] < on_label_rows[1] < on_label_rows[2] <= on_label_rows[3] and on_label_rows[3] > 10
+    elsewhere = torch.tensor([i for i in range(weight.shape[0]) if i not in cand.tolist()][: len(cand)])
+    assert all(r < 1 for r, _ in scores(elsewhere)[0].values())
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert ceiling.label_row_rows(lora, tokenizer, "tweets", ceiling.collect_blocks(lora), *stats(cand), None) == ({}, {})
