@@ -144,7 +144,7 @@ def first_crossing(xs, ys, target):
     return None
 
 
-def _mean_level(xs, ys) -> float:
+def mean_level(xs, ys) -> float:
     """Area under the curve ÷ its span: the mean dev accuracy over the run, which rewards getting
     there early as well as where it ends."""
     area = sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]))
@@ -179,7 +179,7 @@ def table(groups, baseline: str | None, target: float | None) -> str:
                 f"| {task} | {name} | {len(runs)} | {ms([r.summary['final_dev_acc'] for r in runs])} | "
                 f"{ms([r.summary['best_dev_acc'] for r in runs])} | {ms([r.summary['test_acc_after'] for r in runs])} | "
                 f"{'–' if goal is None else ('not reached' if mine is None else f'{mine:.0f}')} | "
-                f"{f'{mine / theirs:.2f}×' if mine is not None and theirs else '–'} | {_mean_level(xs, mean):.3f} | "
+                f"{f'{mine / theirs:.2f}×' if mine is not None and theirs else '–'} | {mean_level(xs, mean):.3f} | "
                 f"{statistics.mean(r.summary['train_seconds'] for r in runs):.0f} | "
                 f"{max(r.summary['peak_memory_mb'] for r in runs):.0f} |")
         if goal is not None:

@@ -154,9 +154,10 @@ def _write_whole(path: Path, text: str):
 
 
 def lr_brackets(configs, out: Path, diverged) -> list[str]:
-    """Where each setting's best lr (mean final dev accuracy over its seeds, ties by mean dev AUC; a
+    """Where each setting's best lr (mean final dev accuracy over its seeds, ties by the AUC of its mean
+    dev curve, as the table prints it; a
     diverged lr is the worst) sits among the lrs the grid ran that setting at."""
-    from zoft.compare import _mean_level, curve, load_run
+    from zoft.compare import load_run, mean_curve, mean_level
 
     sweeps: dict[str, dict[float, list[str]]] = {}
     for c in configs:
@@ -167,8 +168,8 @@ def lr_brackets(configs, out: Path, diverged) -> list[str]:
         if any(n in diverged for n in names):
             return (float("-inf"), float("-inf"))
         runs = [load_run(out / n) for n in names]
-        return (statistics.mean(r.summary["final_dev_acc"] for r in runs),
-                statistics.mean(_mean_level(*curve(r, "forward_passes", "dev_acc")) for r in runs))
+        xs, dev, _, _ = mean_curve(runs, "forward_passes", "dev_acc")
+        return statistics.mean(r.summary["final_dev_acc"] for r in runs), mean_level(xs, dev)
 
     lines = []
     for by_lr in sweeps.values():
