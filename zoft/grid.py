@@ -154,9 +154,9 @@ def _write_whole(path: Path, text: str):
 
 
 def lr_brackets(configs, out: Path, diverged) -> list[str]:
-    """Where each setting's best lr (mean final dev accuracy over its seeds, ties by the AUC of its mean
-    dev curve, as the table prints it; a
-    diverged lr is the worst) sits among the lrs the grid ran that setting at."""
+    """Where each setting's best lr (mean final dev accuracy over its seeds, ties by the AUC of its
+    mean dev curve, as the table prints it; a diverged lr is the worst) sits among the lrs the grid
+    ran that setting at."""
     from zoft.compare import load_run, mean_curve, mean_level
 
     sweeps: dict[str, dict[float, list[str]]] = {}
