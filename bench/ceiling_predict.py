@@ -45,7 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from zoft.block_scales import read_block_scales, save_block_scales  # noqa: E402
+from zoft.block_scales import read_block_scales, read_scales_file, save_block_scales  # noqa: E402
 from zoft.blocks import collect_blocks  # noqa: E402
 from zoft.data import candidate_token_ids  # noqa: E402
 from zoft.errors import ZoftError  # noqa: E402
@@ -118,6 +118,14 @@ def head_start(run: Path) -> HeadStart:
     if head is None:
         raise SystemExit(f"{run}: no recorded head start (a run with --head-init probe)")
     return head
+
+
+def file_mask(path: Path) -> dict | None:
+    """The magnitude mask a block_scales file was made for (``zoft meta-allocate --fraction``), if any."""
+    try:
+        return json.loads(read_scales_file(path)[0].get("note") or "{}").get("mask")
+    except (json.JSONDecodeError, AttributeError):  # a file whose note is free text
+        return None
 
 
 def at_run_step(args) -> tuple[str, int] | None:
@@ -254,7 +262,12 @@ def main(argv=None):
             sigma = torch.tensor(read_block_scales(str(f), blocks, batch_size=16), dtype=torch.float64)
         except ZoftError:
             continue
-        rows[f"file {f.stem}"] = block_gain(sigma**2)
+        mask = file_mask(f)
+        if mask is None:
+            rows[f"file {f.stem}"] = block_gain(sigma**2)
+        else:  # made for --perturbation scaled_mask: its scales apply to the weights its mask keeps
+            sums = shaped_sums(mask_of(blocks, mask["fraction"], mask["keep"]))
+            rows[f"file {f.stem}, on its mask"] = block_gain_of(sigma**2, *sums)
     flat = t == 0  # no curvature: the loss does not depend on the block (LoRA's A at B = 0)
     ratio = torch.where(flat, 0.0, s.clamp(min=0) / t.clamp(min=1e-300))
     held = torch.tensor([blk.is_embedding or blk.param.dim() < 2 for blk in blocks])

@@ -74,3 +74,18 @@ def test_label_row_scores_come_from_the_label_words_rows(tiny_model_dir):
     assert all(r < 1 for r, _ in scores(elsewhere)[0].values())
     lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
     assert ceiling.label_row_rows(lora, tokenizer, "tweets", ceiling.collect_blocks(lora), *stats(cand), None) == ({}, {})
+
+
+def test_a_scales_file_made_for_a_mask_is_scored_on_that_mask(tmp_path, tiny_model_dir):
+    """``zoft meta-allocate --fraction`` records its mask in the file's note, and the prediction
+    reads it back; a file with a free-text note, or none, has no mask."""
+    import json
+
+    blocks = ceiling.collect_blocks(ceiling.load_model(str(tiny_model_dir))[0])
+    sigma = torch.ones(len(blocks))
+    notes = {"masked": json.dumps({"tasks": ["rte"], "mask": {"fraction": 0.1, "keep": "largest"}}),
+             "whole": json.dumps({"tasks": ["rte"], "mask": None}), "text": "sigma^2 ~ (S_b/T_b)^2", "none": ""}
+    for name, note in notes.items():
+        ceiling.save_block_scales(tmp_path / f"{name}.safetensors", blocks, sigma, note=note)
+    masks = {name: ceiling.file_mask(tmp_path / f"{name}.safetensors") for name in notes}
+    assert masks == {"masked": {"fraction": 0.1, "keep": "largest"}, "whole": None, "text": None, "none": None}
