@@ -195,7 +195,7 @@ def load_or_measure(args):
     return model, tokenizer, blocks, S, B, T
 
 
-def label_row_rows(model, tokenizer, task: str, blocks, S, B, T, scored) -> dict:
+def label_row_scores(model, tokenizer, task: str, blocks, S, B, T, scored) -> tuple[dict, dict]:
     """({label: (R, lr ratio)}, {S, B, T: the label rows' share}) for a scale on the label words'
     output rows (the rest isotropic) and for those rows alone: the shaping a tuner could learn from
     any classification task, since every such task has label rows. Empty where the output embedding
@@ -303,7 +303,7 @@ def main(argv=None):
         # a shape that keeps no weight with a gradient gains nothing whatever the per-block scale
         best_on_shape = best_block_weights(*sums[:3], ref)[0] if sums[1].sum() > 0 else torch.ones_like(sums[1])
         rows[f"best per-block D within ×10, on {name}"] = block_gain_of(best_on_shape, *sums)
-    label_rows, label_shares = label_row_rows(model, tokenizer, args.task, blocks, S, B, T, scored)
+    label_rows, label_shares = label_row_scores(model, tokenizer, args.task, blocks, S, B, T, scored)
     rows.update(label_rows)
     signal = float(ref[0] / ref[1])  # ‖E g‖² / E‖g̃‖²: near 0, the batch gradient is almost all noise
     # S averages the k(k-1) products g_iᵀg_j (i ≠ j), each of spread ≈ B: its standard error

@@ -63,7 +63,7 @@ def test_label_row_scores_come_from_the_label_words_rows(tiny_model_dir):
     def scores(signal_rows):
         S, B, T = stats(signal_rows)
         ref = tuple(torch.stack([x.double().sum() for x in X]).sum() for X in (S, B, T))
-        return ceiling.label_row_rows(model, tokenizer, "tweets", blocks, S, B, T,
+        return ceiling.label_row_scores(model, tokenizer, "tweets", blocks, S, B, T,
                                       lambda *sums: ceiling.shaping_score(*sums[:3], sums[3] / numel, ref))
 
     gains, shares = scores(cand)
@@ -73,7 +73,7 @@ def test_label_row_scores_come_from_the_label_words_rows(tiny_model_dir):
     elsewhere = torch.tensor([i for i in range(weight.shape[0]) if i not in cand.tolist()][: len(cand)])
     assert all(r < 1 for r, _ in scores(elsewhere)[0].values())
     lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
-    assert ceiling.label_row_rows(lora, tokenizer, "tweets", ceiling.collect_blocks(lora), *stats(cand), None) == ({}, {})
+    assert ceiling.label_row_scores(lora, tokenizer, "tweets", ceiling.collect_blocks(lora), *stats(cand), None) == ({}, {})
 
 
 def test_a_scales_file_made_for_a_mask_is_scored_on_that_mask(tmp_path, tiny_model_dir):
