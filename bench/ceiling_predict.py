@@ -26,11 +26,12 @@ after STEP of its steps, rebuilt from its trajectory (full-parameter or peft ada
 are the run's trainable ones): how much a shaping could still buy along a fine-tune, where a fixed
 allocation made at θ₀ may no longer fit. A block with no curvature (LoRA's A at B = 0) is held.
 
-Printed: R for the block_scales files in bench/results/oracle, for curvature-aware per-block
-allocations σ_b² ∝ (S_b / T_b)^α (clipped ×10 around the median; written to
-``--out`` as block_scales files), for the best per-block D found by direct maximisation of R
+Printed: R for the block_scales files in bench/results/oracle (one made for a magnitude mask, on
+that mask), for curvature-aware per-block allocations σ_b² ∝ (S_b / T_b)^α (clipped ×10 around
+the median; written to ``--out`` as block_scales files), for the best per-block D found by direct maximisation of R
 (the per-block ceiling at these weights), for the best per-block update multiplier apart from σ
-(alone and with D), and for Sparse MeZO's magnitude masks.
+(alone and with D), for Sparse MeZO's magnitude masks, and for a scale on the label words' output
+rows, with their share of S, B and T.
 """
 
 from __future__ import annotations
