@@ -111,6 +111,8 @@ def test_a_diverging_point_is_recorded_and_the_grid_goes_on(tmp_path, tiny_model
     assert calls == ["lr1000", "lr0.001"]
     assert not (out / "lr1000").exists() and (out / "lr0.001" / "summary.json").is_file()
     assert "lower lr" in (out / "lr1000.diverged").read_text()
+    curve = [json.loads(line) for line in (out / "lr1000.diverged.jsonl").read_text().splitlines()]
+    assert curve[0]["step"] == 0 and "dev/acc" in curve[0] and 0 < curve[-1]["step"] < 40
     assert "| tweets | spsa | 1 |" in table and "Diverged (no run folder):\n- lr1000: " in table
     assert (out / "table.md").read_text().strip() == table
     calls.clear()

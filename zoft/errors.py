@@ -17,7 +17,10 @@ class RunStopped(ZoftError):
 
 class RunDiverged(ZoftError):
     """A run stopped because its loss diverged, collapsed or went non-finite: an error for one run,
-    a result for a point of an lr sweep (``zoft grid`` records it and goes on)."""
+    a result for a point of an lr sweep (``zoft grid`` records it and goes on). ``metrics`` is the
+    run's metrics.jsonl up to that step, read before its folder goes."""
+
+    metrics: str = ""
 
 
 class RunTaken(ZoftError):

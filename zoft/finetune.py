@@ -482,8 +482,10 @@ def _execute(s: Session, p: Progress | None) -> dict:
         else:  # stopped before its first step: nothing to resume
             s.folder.discard()
         raise
-    except ZoftError:
+    except ZoftError as e:
         _close(s)
+        if isinstance(e, RunDiverged) and (s.work / "metrics.jsonl").is_file():
+            e.metrics = (s.work / "metrics.jsonl").read_text()  # the curve up to the divergence, for a sweep's record
         s.folder.discard()
         raise
     except OSError as e:
