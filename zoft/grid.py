@@ -16,11 +16,11 @@ Every run's config is checked before the first run starts. A run whose directory
 summary is complete and skipped, a killed run continues from its last checkpoint (so a killed
 grid resumes where it stopped), and a run another live process holds is left to it. A run that
 diverges is a result of the sweep, not the end of it: its error line goes into ``NAME.diverged``
-beside the run folders (delete that file to run the point again), its metrics up to that step into
-``NAME.diverged.jsonl``, and the grid goes on. Then the
-runs are compared (``table.md`` and the plot in ``output_dir``), the diverged ones listed below,
-and for every setting run at several lrs the table says whether its best lr is strictly inside
-them: a setting picked from a grid is only trusted when it is.
+beside the run folders (delete that file to run the point again), its metrics up to that step
+into ``NAME.diverged.jsonl``, and the grid goes on. Then the runs are compared (``table.md`` and
+the plot in ``output_dir``), the diverged ones listed below, and for every setting run at several
+lrs the table says whether its best lr is strictly inside them: a setting picked from a grid is
+only trusted when it is.
 """
 
 from __future__ import annotations
