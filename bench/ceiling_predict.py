@@ -104,6 +104,12 @@ def best_block_weights(s, b, t, ref, spread: float = 10.0, iters: int = 3000, sc
     return tuple(w.detach() for w in weights())
 
 
+def signal_spread(batches: int) -> float:
+    """The standard error of S/B from ``batches`` batch gradients: S averages the k(k-1) products
+    g_iᵀg_j (i ≠ j), each of spread ≈ B."""
+    return (2 / (batches * (batches - 1))) ** 0.5
+
+
 def shown(value, spec: str) -> str:
     """A figure, or – where there is none (no signal to share, no lr for a step that cannot gain)."""
     return "–" if value is None else format(value, spec)
@@ -307,8 +313,7 @@ def main(argv=None):
     label_rows, label_shares = label_row_scores(model, tokenizer, args.task, blocks, S, B, T, scored)
     rows.update(label_rows)
     signal = float(ref[0] / ref[1])  # ‖E g‖² / E‖g̃‖²: near 0, the batch gradient is almost all noise
-    # S averages the k(k-1) products g_iᵀg_j (i ≠ j), each of spread ≈ B: its standard error
-    spread = (2 / (args.batches * (args.batches - 1))) ** 0.5
+    spread = signal_spread(args.batches)
     step_gain = float(ref[0] ** 2 / (2 * ref[1] * ref[2]))
     print(f"weights: {weights_label(args)}; {args.batches} batches of 16 {args.task} examples;"
           f" signal fraction S/B = {signal:.4f} ± {spread:.3f}; SPSA's best one-step loss decrease"

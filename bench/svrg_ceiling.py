@@ -44,7 +44,7 @@ from zoft.finetune import rebuilt_models  # noqa: E402
 from zoft.scoring import task_logits  # noqa: E402
 
 from meta_train.allocation import protocol_stream  # noqa: E402
-from ceiling_predict import zo_skip  # noqa: E402  (bench/, the script's own folder)
+from ceiling_predict import signal_spread, zo_skip  # noqa: E402  (bench/, the script's own folder)
 
 
 class ControlVariateMoments:
@@ -133,7 +133,8 @@ def main(argv=None):
     figures = measure(Path(run), int(step), anchors, args.task, args.data_dir, args.batches)
     figures.update(run=run, step=int(step), task=args.task)
     print(f"{run} after {step} steps, {args.task}, {figures['batches']} batches of 16\n")
-    print(f"S/B (batch gradient, no correction): {figures['S'] / figures['B']:.4f}\n")
+    print(f"S/B (batch gradient, no correction): {figures['S'] / figures['B']:.4f}"
+          f" ± {signal_spread(figures['batches']):.3f}\n")
     print("| anchor step | steps since | S/B_cv | B / B_cv: one-step gain | per forward pass (2 weights per batch), before the full pass |")
     print("|---|---|---|---|---|")
     for a in figures["anchors"]:
