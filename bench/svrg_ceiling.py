@@ -52,15 +52,14 @@ class ControlVariateMoments:
     enough for S, B and every anchor's B_cv = mean_i ‖g_i − h_i^a + h̄^a‖² without keeping a batch."""
 
     def __init__(self, anchors: int):
-        self.count = 0
-        self.g_sum = self.g_square = None
+        self.count, self.g_sum, self.g_square = 0, None, 0.0
         self.h_sums, self.d_squares = [None] * anchors, [0.0] * anchors
 
     def add(self, g: torch.Tensor, hs: list[torch.Tensor]):
         g = g.double()
         self.count += 1
         self.g_sum = g.clone() if self.g_sum is None else self.g_sum.add_(g)
-        self.g_square = (self.g_square or 0.0) + float(g @ g)
+        self.g_square += float(g @ g)
         for a, h in enumerate(hs):
             h = h.double()
             self.h_sums[a] = h.clone() if self.h_sums[a] is None else self.h_sums[a].add_(h)
@@ -126,9 +125,13 @@ def main(argv=None):
     ap.add_argument("--json", default="", help="write the figures here too")
     args = ap.parse_args(argv)
     run, _, step = args.at.rpartition(":")
+    if not (run and step.isdigit()):
+        ap.error(f"--at takes RUN:STEP, got {args.at!r}")
+    if not all(a.strip().isdigit() and int(a) <= int(step) for a in args.anchors.split(",")):
+        ap.error(f"--anchors takes steps up to {step}, got {args.anchors!r}")
+    if args.batches == 1 or args.batches < 0:
+        ap.error("--batches must be at least 2 (S compares batch gradients), or 0 for the whole sample")
     anchors = [int(a) for a in args.anchors.split(",")]
-    if not all(0 <= a <= int(step) for a in anchors):
-        ap.error(f"anchors must be steps up to {step}, got {args.anchors}")
     torch.manual_seed(0)
     figures = measure(Path(run), int(step), anchors, args.task, args.data_dir, args.batches)
     figures.update(run=run, step=int(step), task=args.task)

@@ -62,6 +62,16 @@ def test_an_anchor_at_the_run_s_own_weights_sees_the_same_batches(tmp_path, tiny
     assert abs(earlier["B_cv"] / figures["sample_gradient"] - 1) > 1e-3
 
 
+def test_bad_arguments_stop_before_any_model_is_built(tmp_path, capsys):
+    import pytest
+
+    for argv in (["--at", "run", "--anchors", "0"], ["--at", "run:3", "--anchors", "0,4"],
+                 ["--at", "run:3", "--anchors", "0", "--batches", "1"]):
+        with pytest.raises(SystemExit):
+            svrg.main(argv)
+        assert "error:" in capsys.readouterr().err
+
+
 def test_a_stored_anchor_gradient_never_pays_for_its_full_pass():
     """The bound is the best over the refresh-to-directions ratio k (a grid over k finds no more),
     and stays below plain ZO's gain wherever B / ‖ḡ‖² is at most the batches per full pass."""
