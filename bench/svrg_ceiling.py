@@ -1,7 +1,7 @@
 """What variance reduction could buy where ZO runs level off (issue 11): the SVRG control variate's
 one-step gain at a run's weights, with the anchor's full gradient exact (a ceiling).
 
-    python bench/svrg_ceiling.py --at RUN:STEP --anchors 100,125,140 [--task tweets] [--batches N] [--json OUT]
+    python bench/svrg_ceiling.py --at RUN:STEP --anchors 100,125,140 [--task tweets] [--data-dir D] [--batches N] [--json OUT]
 
 ZO-SGD along isotropic z gains, per step at its own best lr, S² / (2 B T) (bench/ceiling_predict.py):
 S = ‖g‖² the full gradient's signal, B = E‖g̃‖² the batch gradient's second moment, T the
