@@ -36,14 +36,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from zoft.blocks import collect_blocks  # noqa: E402
 from zoft.data import collate  # noqa: E402
 from zoft.finetune import rebuilt_models  # noqa: E402
-from zoft.scoring import task_logits  # noqa: E402
 
-from meta_train.allocation import protocol_stream  # noqa: E402
+from meta_train.allocation import batch_gradient, protocol_stream  # noqa: E402
 from ceiling_predict import signal_spread, zo_skip  # noqa: E402  (bench/, the script's own folder)
 
 
@@ -90,16 +88,16 @@ def stored_anchor_bound(ratio: float, full_pass: int) -> float:
 
 
 def flat_gradient(model, blocks, batch, cand) -> torch.Tensor:
-    model.zero_grad(set_to_none=True)
-    F.cross_entropy(task_logits(model, batch, cand), batch["labels"]).backward()
-    return torch.cat([b.param.grad.view(-1) for b in blocks])
+    return torch.cat(batch_gradient(model, blocks, batch, cand)[0])
 
 
 def measure(run: Path, step: int, anchors: list[int], task: str, data_dir=None, batches: int = 0) -> dict:
     """Figures of ControlVariateMoments at RUN after STEP steps, one anchor per step in ``anchors``."""
+    points = sorted(anchors) + [step]
     models = []
-    for model, tokenizer, _, _ in rebuilt_models(run, sorted(anchors) + [step]):  # one replay
-        models.append(copy.deepcopy(model).eval())
+    for model, tokenizer, _, _ in rebuilt_models(run, points):  # one replay
+        # an anchor's weights are kept as a copy; STEP's are the replay's own model, moved no further
+        models.append((model if len(models) == len(points) - 1 else copy.deepcopy(model)).eval())
     current, anchored = models[-1], models[:-1]
     cand, stream = protocol_stream(tokenizer, task, data_dir, skip=zo_skip(run, task))
     batches = batches or len(stream.items) // stream.batch_size

@@ -89,23 +89,24 @@ def batch_samples(model, tokenizer, task_name: str, data_dir=None, batches: int 
     cand, stream = protocol_stream(tokenizer, task_name, data_dir, batch_size, seed, num_train, max_length, skip)
     blocks = collect_blocks(model)
     gen = torch.Generator().manual_seed(seed)
-
-    def grads():
-        return [b.param.grad.view(-1).clone() for b in blocks]
-
     for _ in range(batches):
         batch = collate(stream.next_items(), tokenizer.pad_token_id)
-        model.zero_grad(set_to_none=True)
-        logits = task_logits(model, batch, cand)
-        F.cross_entropy(logits, batch["labels"]).backward()
-        g = grads()
+        g, logits = batch_gradient(model, blocks, batch, cand)
         with torch.no_grad():
             drawn = torch.multinomial(logits.softmax(-1), 1, generator=gen).view(-1)
             signs = torch.randint(0, 2, drawn.shape, generator=gen).float() * 2 - 1
         model.zero_grad(set_to_none=True)
         (F.cross_entropy(task_logits(model, batch, cand), drawn, reduction="none") * signs).sum().backward()
-        yield g, grads()
+        yield g, [b.param.grad.view(-1).clone() for b in blocks]
     model.zero_grad(set_to_none=True)
+
+
+def batch_gradient(model, blocks, batch, cand) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(the gradient of the batch's cross-entropy over the candidates, flat per block; the logits)."""
+    model.zero_grad(set_to_none=True)
+    logits = task_logits(model, batch, cand)
+    F.cross_entropy(logits, batch["labels"]).backward()
+    return [b.param.grad.view(-1).clone() for b in blocks], logits
 
 
 def statistics(model, tokenizer, task_name: str, data_dir=None, batches: int = 16, batch_size: int = 16,
