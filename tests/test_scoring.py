@@ -184,3 +184,24 @@ def test_multiple_choice_trains_on_the_gold_options_token_loss_and_evaluates_by_
     assert logits.shape == (4, 3) and torch.isinf(logits[[0, 2, 3], 2]).all()
     expected = (logits.argmax(-1) == batch["labels"]).float().mean().item()
     assert evaluate(model, items, None, pad_id=0, batch_size=3)["acc"] == pytest.approx(expected)
+
+
+def test_the_choice_objective_trains_multiple_choice_on_the_cross_entropy_over_its_options():
+    """--objective choice: whatever the task's own training loss (here the gold option's LM loss),
+    the cross-entropy over each example's options that dev loss reports, whole batch or summed in
+    micro-batches."""
+    from zoft.scoring import loss_terms, option_logits
+
+    model = tiny_llama()
+    options = [((3, 4), (5,)), ((6,), (7, 8, 9), (10,)), ((12, 13), (14, 15)), ((16,), (17,))]
+    items = [Encoded(p, y, o) for p, y, o in zip(PROMPTS, [1, 2, 0, 1], options)]
+    batch = collate(items, pad_id=0)
+    with torch.no_grad():
+        expected = F.cross_entropy(option_logits(model, batch), batch["labels"])
+        lm = classification_loss(model, batch, None, train_loss="lm")
+        choice = classification_loss(model, batch, None, "choice", train_loss="lm")
+        total, count = loss_terms(model, batch, None, "choice", train_loss="lm")
+    assert not torch.isclose(lm, expected)
+    torch.testing.assert_close(choice, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(total / count, expected, rtol=1e-5, atol=1e-6)
+    assert evaluate(model, items, None, pad_id=0)["loss"] == pytest.approx(expected.item(), rel=1e-5)

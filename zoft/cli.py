@@ -32,7 +32,9 @@ _HELP = {
     "peft": "none (every weight), lora or prefix (peft adapters; only they are perturbed and trained)",
     "prefix_tokens": "virtual tokens of --peft prefix",
     "lora_targets": "comma-separated module names; default: peft's choice for the architecture (q_proj,v_proj for Llama)",
-    "objective": "what ZO minimises on a batch: loss (cross-entropy), or the negative of accuracy or macro f1",
+    "objective": "what ZO minimises on a batch: loss (the task's: cross-entropy over the label words, or the gold"
+                 " option's LM loss for multiple choice), choice (cross-entropy over each example's options), or"
+                 " the negative of accuracy or macro f1",
     "data_seed": "seed of the train/dev/test sampling (kept apart from --seed)",
     "eval_every": "steps between dev evaluations",
     "report_to": "none or wandb (offline unless an API key is set)",

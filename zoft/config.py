@@ -19,6 +19,10 @@ from zoft.models import DEFAULT_MODEL
 from zoft.registry import entry, full_spec, names, piece_fields
 
 PIECE_KINDS = ("estimator", "perturbation", "update", "noise")
+# loss: the task's own training loss (MeZO's: cross-entropy over the label words, or the gold
+# option's token loss for multiple choice); choice: cross-entropy over each example's options,
+# what dev loss reports; accuracy, f1: the negative of a batch metric
+OBJECTIVES = ("loss", "choice", "accuracy", "f1")
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -163,8 +167,8 @@ class LoopConfig(AdapterConfig, TaskConfig):
             raise ZoftError(f"head-share must be in (0, 1], got {self.head_share}")
         if self.head_share < 1 and self.head_init != "probe":
             raise ZoftError("--head-share splits the training set between the probe and ZO; it needs --head-init probe")
-        if self.objective not in ("loss", "accuracy", "f1"):
-            raise ZoftError(f"objective must be loss, accuracy or f1, got {self.objective!r}")
+        if self.objective not in OBJECTIVES:
+            raise ZoftError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         self.check_adapters()
         if self.report_to not in ("none", "wandb"):
             raise ZoftError(f"report-to must be none or wandb, got {self.report_to!r}")

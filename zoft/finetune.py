@@ -44,7 +44,7 @@ from zoft.logging import JsonlLogger, WandbLogger, check_metrics_kept
 from zoft.models import checkpoint_reader, load_model, model_id
 from zoft.optimizer import ZOOptimizer, build_optimizer, make_parts
 from zoft.rundir import RunFolder, default_run_name
-from zoft.scoring import classification_loss, evaluate_task
+from zoft.scoring import METRICS, classification_loss, evaluate_task
 from zoft.tasks import get_task, jsonl_task, sample_splits
 from zoft.tuner import read_tuner, summarise_scales, tuner_digest
 
@@ -232,7 +232,8 @@ def checked(cfg: FinetuneConfig):
     if cfg.head_init == "probe" and task.train_loss != "choice":
         raise ZoftError(f"--head-init probe needs a classification task; {task.name} scores answer sequences")
     if task.generates and cfg.objective != "loss":
-        raise ZoftError(f"objective {cfg.objective} is for classification tasks; {task.name} trains on the answer's loss")
+        raise ZoftError(f"objective {cfg.objective} is for classification and multiple-choice tasks; {task.name}"
+                        " trains on the answer's loss")
     if cfg.tuner not in ("none", "auto"):
         read_tuner(cfg.tuner)  # a missing or corrupt tuner fails before the model loads
     if cfg.num_dev is None:
@@ -408,7 +409,7 @@ def _closure(s: Session, items: list):
 def _watch(s: Session, p: Progress, loss: float):
     """Stop a run that diverges (its train loss far above where it started) or collapses (the
     loss no longer changes under the perturbation), with what to lower."""
-    if s.cfg.objective != "loss":  # a batch metric is a step function: flat and signed by design
+    if s.cfg.objective in METRICS:  # a batch metric is a step function: flat and signed by design
         return
     last = s.opt.last
     if len(p.first_losses) < WINDOW:

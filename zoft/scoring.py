@@ -114,12 +114,13 @@ METRICS = {"accuracy": accuracy, "f1": macro_f1}
 
 
 def classification_loss(model, batch, candidate_ids, objective: str = "loss", train_loss: str = "choice"):
-    """The training objective: ``train_loss`` "choice" (cross-entropy over the candidates) or
-    "lm" (the gold option's token loss) when ``objective`` is "loss", else −metric."""
+    """The training objective: with ``objective`` "loss" the task's ``train_loss``, "choice"
+    (cross-entropy over the candidates) or "lm" (the gold option's token loss); "choice" whatever
+    the task trains on; else −metric."""
     if objective == "loss" and train_loss == "lm":
         return gold_option_loss(model, batch)
     logits = task_logits(model, batch, candidate_ids)
-    if objective == "loss":
+    if objective in ("loss", "choice"):
         return F.cross_entropy(logits, batch["labels"])
     return torch.tensor(-METRICS[objective](logits.argmax(-1), batch["labels"]))
 
@@ -134,7 +135,7 @@ def loss_terms(model, batch, candidate_ids, objective: str = "loss", train_loss:
         sums, counts = option_log_likelihoods(model, {**sub, "input_ids": sub["input_ids"][:, : int(sub["lengths"].max())]})
         return -sums.sum(), counts.sum()
     logits = task_logits(model, batch, candidate_ids)
-    if objective == "loss":
+    if objective in ("loss", "choice"):
         return F.cross_entropy(logits, batch["labels"], reduction="sum"), len(batch["labels"])
     if objective == "accuracy":
         return -(logits.argmax(-1) == batch["labels"]).sum().float(), len(batch["labels"])
