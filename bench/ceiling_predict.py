@@ -14,8 +14,10 @@ lr a step gains (gᵀDg)² / (2 (g̃ᵀDg̃) tr(DH)); relative to isotropic dire
 with, per weight e, S_e = (E g)_e² (the full-data gradient, unbiased from k batch gradients),
 B_e = E (g̃_e²) (a batch of 16) and T_e the Fisher diagonal, the Gauss-Newton curvature of the
 cross-entropy over the candidates (labels drawn from the model, one backward per batch with
-random signs per example). R is invariant to D's scale, so it compares methods each at its own
-best lr, as the protocol does. It is a one-step, fixed-point model: statistics at the given
+random signs per example; on a multiple-choice task such as COPA the candidates are each example's
+options, so the loss measured is ``--objective choice``'s, not MeZO's LM loss of the gold option).
+R is invariant to D's scale, so it compares methods each at its own best lr, as the protocol
+does. It is a one-step, fixed-point model: statistics at the given
 weights, no depletion of the gradient over a run, ε → 0.
 
 Also printed: isotropic ZO's own best one-step loss decrease, S² / (2 B T), in loss units: how much
