@@ -46,7 +46,7 @@ def test_finetune_writes_a_complete_run_directory(tmp_path, tiny_model_dir, caps
         (["--noise", "pink"], "noise must be one of"),
         (["--estimator", "kernel", "--kernel-order", "3"], "kernel order must be 2, 4 or 6"),
         (["--estimator", "fancy"], "estimator must be one of"),
-        (["--objective", "bleu"], "objective must be loss, accuracy or f1"),
+        (["--objective", "bleu"], "objective must be one of loss, choice, accuracy, f1"),
         (["--task", "sst2", "--data-dir", "/no/such/dir"], "data dir not found"),
         (["--model", "/no/such/model"], "model path not found: /no/such/model"),
         (["--model", "no-such-org/no-such-model"], "cannot load model 'no-such-org/no-such-model'"),

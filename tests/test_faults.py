@@ -50,7 +50,6 @@ CASES = {
     "lr 1e3 diverges": (lambda t: ["--lr", "1e3", "--steps", "40"], "lower lr"),
     "lr 1e38": (lambda t: ["--lr", "1e38", "--steps", "40"], "lower lr"),
     "lr 1e3 diverges on --objective choice": (lambda t: ["--lr", "1e3", "--steps", "40", "--objective", "choice"], "lower lr"),
-    "objective nll": (lambda t: ["--objective", "nll"], "objective must be one of loss, choice, accuracy, f1"),
     "label 1.7": (lambda t: _jsonl_case(t, ROWS + [{"text": "x", "label": 1.7}]), "data.jsonl:61: bad row (label 1.7 is not an index"),
     "null field": (lambda t: _jsonl_case(t, [{"text": None, "label": 0}] + ROWS), "data.jsonl:1: bad row (field text is null)"),
     "unknown label word": (lambda t: _jsonl_case(t, ROWS + [{"text": "x", "label": "meh"}]), "label 'meh' is not among the label words"),

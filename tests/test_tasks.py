@@ -217,7 +217,7 @@ def test_generation_task_trains_on_the_answer_and_reports_f1_and_em(tmp_path, ti
             "--num-train", "2", "--num-dev", "1", "--num-test", "2", "--batch-size", "2", "--task", "squad",
             "--data-dir", str(FIXTURES)]
     assert main([*base, "--objective", "f1"]) == 2
-    assert "objective f1 is for classification tasks; squad trains on the answer's loss" in capsys.readouterr().err
+    assert "objective f1 is for classification and multiple-choice tasks; squad trains on the answer's loss" in capsys.readouterr().err
     assert main([*base, "--run-name", "squad"]) == 0
     lines = [json.loads(x) for x in (tmp_path / "runs" / "squad" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= x["dev/acc"] <= 1 for x in lines if "dev/acc" in x)
