@@ -17,8 +17,8 @@ cross-entropy over the candidates (labels drawn from the model, one backward per
 random signs per example; on a multiple-choice task such as COPA the candidates are each example's
 options, so the loss measured is ``--objective choice``'s, not MeZO's LM loss of the gold option).
 R is invariant to D's scale, so it compares methods each at its own best lr, as the protocol
-does. It is a one-step, fixed-point model: statistics at the given
-weights, no depletion of the gradient over a run, ε → 0.
+does. It is a one-step, fixed-point model: statistics at the given weights, no depletion of the
+gradient over a run, ε → 0.
 
 Also printed: isotropic ZO's own best one-step loss decrease, S² / (2 B T), in loss units: how much
 a step at these weights can gain at all (``--head-from RUN`` measures at the head start a run

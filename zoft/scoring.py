@@ -114,9 +114,9 @@ METRICS = {"accuracy": accuracy, "f1": macro_f1}
 
 
 def classification_loss(model, batch, candidate_ids, objective: str = "loss", train_loss: str = "choice"):
-    """The training objective: with ``objective`` "loss" the task's ``train_loss``, "choice"
-    (cross-entropy over the candidates) or "lm" (the gold option's token loss); "choice" whatever
-    the task trains on; else −metric."""
+    """The training objective. ``objective`` "loss": the task's ``train_loss``, "choice" (the
+    cross-entropy over the candidates) or "lm" (the gold option's token loss); "choice": that
+    cross-entropy whatever the task trains on; a metric's name: −metric."""
     if objective == "loss" and train_loss == "lm":
         return gold_option_loss(model, batch)
     logits = task_logits(model, batch, candidate_ids)
