@@ -97,7 +97,7 @@ def batch_samples(model, tokenizer, task_name: str, data_dir=None, batches: int 
             signs = torch.randint(0, 2, drawn.shape, generator=gen).float() * 2 - 1
         model.zero_grad(set_to_none=True)
         (F.cross_entropy(task_logits(model, batch, cand), drawn, reduction="none") * signs).sum().backward()
-        yield g, [b.param.grad.view(-1).clone() for b in blocks]
+        yield g, flat_grads(blocks)
     model.zero_grad(set_to_none=True)
 
 
@@ -106,7 +106,12 @@ def batch_gradient(model, blocks, batch, cand) -> tuple[list[torch.Tensor], torc
     model.zero_grad(set_to_none=True)
     logits = task_logits(model, batch, cand)
     F.cross_entropy(logits, batch["labels"]).backward()
-    return [b.param.grad.view(-1).clone() for b in blocks], logits
+    return flat_grads(blocks), logits
+
+
+def flat_grads(blocks) -> list[torch.Tensor]:
+    """A copy of each block's gradient, flat: the next backward may reuse the .grad tensors."""
+    return [b.param.grad.view(-1).clone() for b in blocks]
 
 
 def statistics(model, tokenizer, task_name: str, data_dir=None, batches: int = 16, batch_size: int = 16,
