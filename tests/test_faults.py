@@ -295,3 +295,22 @@ def test_stale_folders_of_dead_runs_are_removed_and_resumable_ones_kept(tmp_path
     (debris / ".lock").write_text("")
     assert main(_finetune(tiny_model_dir, tmp_path, "--run-name", "next")) == 0
     assert not debris.exists() and (tmp_path / ".killed.partial" / "checkpoint.safetensors").is_file()
+
+
+def test_a_run_committing_while_another_process_sweeps_stale_partials_keeps_its_folder(tmp_path, monkeypatch):
+    import zoft.rundir
+    from zoft.rundir import RunFolder, remove_stale
+
+    folder = RunFolder(tmp_path / "grid" / "s1")
+    folder.reserve()
+    (folder.partial / "summary.json").write_text("{}\n")
+    real_rename = os.rename
+
+    def another_grid_sweeps_first(src, dst):  # a second grid's reserve() runs between the clean-up and the rename
+        remove_stale(tmp_path / "grid")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(zoft.rundir.os, "rename", another_grid_sweeps_first)
+    folder.commit()
+    assert sorted(p.name for p in folder.run_dir.iterdir()) == ["summary.json"]
+    assert not folder.partial.exists()

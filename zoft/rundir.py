@@ -140,8 +140,10 @@ class RunFolder:
         if not self.owner:
             return
         (self.partial / CHECKPOINT).unlink(missing_ok=True)
-        (self.partial / ".lock").unlink(missing_ok=True)
+        # rename while the lock file exists and is held: another process's remove_stale takes a
+        # partial without a checkpoint or a lock file for a dead run's and deletes it
         os.rename(self.partial, self.run_dir)
+        (self.run_dir / ".lock").unlink(missing_ok=True)
         self.release()
 
     def discard(self):
