@@ -216,8 +216,12 @@ def test_generation_task_trains_on_the_answer_and_reports_f1_and_em(tmp_path, ti
     base = ["finetune", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "runs"), "--steps", "2",
             "--num-train", "2", "--num-dev", "1", "--num-test", "2", "--batch-size", "2", "--task", "squad",
             "--data-dir", str(FIXTURES)]
-    assert main([*base, "--objective", "f1"]) == 2
-    assert "objective f1 is for classification and multiple-choice tasks; squad trains on the answer's loss" in capsys.readouterr().err
+    assert main([*base, "--objective", "accuracy"]) == 2
+    assert ("objective accuracy is for classification and multiple-choice tasks; squad trains on the answer's loss or"
+            " on the token F1 of its greedy answers (f1)") in capsys.readouterr().err
+    assert main([*base, "--objective", "f1", "--run-name", "f1"]) == 0
+    losses = [json.loads(x) for x in (tmp_path / "runs" / "f1" / "metrics.jsonl").read_text().splitlines()]
+    assert all(-1 <= x["train/loss"] <= 0 and -1 <= x["train/loss_minus"] <= 0 for x in losses if "train/loss" in x)
     assert main([*base, "--run-name", "squad"]) == 0
     lines = [json.loads(x) for x in (tmp_path / "runs" / "squad" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= x["dev/acc"] <= 1 for x in lines if "dev/acc" in x)
@@ -226,3 +230,48 @@ def test_generation_task_trains_on_the_answer_and_reports_f1_and_em(tmp_path, ti
     out = capsys.readouterr().out
     assert "test F1: before" in out and "drop: zero-shot test F1 0.0000, exact match 0.0000, loss" in out
     assert json.loads((tmp_path / "runs" / "squad" / "summary.json").read_text())["metric"] == "f1"
+
+
+def _answer_items(tokenizer):
+    """Prompts in the tiny vocabulary, whose greedy answers repeat one word (movie, film, and, is),
+    with gold answers that overlap them in part: token F1s strictly between 0 and 1, EM 0."""
+    from zoft.data import Encoded
+
+    prompts = ["it was the movie", "a very good film", "not bad and", "the film is"]
+    golds = [("movie film",), ("zzz", "good film"), ("and not",), ("is very",)]
+    return [Encoded(tokenizer(p)["input_ids"], 0, (tuple(tokenizer(" " + g[-1])["input_ids"]),), g)
+            for p, g in zip(prompts, golds)]
+
+
+def test_the_f1_objective_is_minus_the_token_f1_of_the_greedy_answers_summed_over_the_batch():
+    """MeZO §6.4's non-differentiable objective: the same greedy answers and best-gold token F1
+    that evaluation reports, negated so that ZO minimises it, as a sum and a count."""
+    from conftest import tiny_llama, tiny_tokenizer
+    from zoft.scoring import answer_f1_terms, evaluate_generation
+
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    items = _answer_items(tokenizer)
+    reported = evaluate_generation(model, items, tokenizer)
+    assert 0 < reported["f1"] < 1 and reported["em"] == 0
+    total, count = answer_f1_terms(model, items, tokenizer)
+    assert count == 4 and total.item() == pytest.approx(-4 * reported["f1"])
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_generation_task_trained_on_f1_steps_on_minus_the_batch_mean_f1(accumulate):
+    """The training closure under --objective f1 on SQuAD: the mean over the batch of each greedy
+    answer's F1, split into micro-batches or not."""
+    from types import SimpleNamespace
+
+    from conftest import tiny_llama, tiny_tokenizer
+    from zoft import distributed
+    from zoft.finetune import _closure
+    from zoft.scoring import evaluate_generation
+
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    items = _answer_items(tokenizer)
+    session = SimpleNamespace(cfg=SimpleNamespace(objective="f1", accumulate=accumulate, parallel="data"),
+                              group=distributed.Group(), task=get_task("squad"), model=model, tokenizer=tokenizer,
+                              device="cpu", cand=None)
+    loss = _closure(session, items)()
+    assert loss.item() == pytest.approx(-evaluate_generation(model, items, tokenizer)["f1"])

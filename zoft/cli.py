@@ -34,7 +34,7 @@ _HELP = {
     "lora_targets": "comma-separated module names; default: peft's choice for the architecture (q_proj,v_proj for Llama)",
     "objective": "what ZO minimises on a batch: loss (the task's: cross-entropy over the label words, or the gold"
                  " option's LM loss for multiple choice), choice (cross-entropy over each example's options), or"
-                 " the negative of accuracy or macro f1",
+                 " the negative of accuracy or macro f1 (for squad and drop, f1: the token F1 of greedy answers, MeZO §6.4)",
     "data_seed": "seed of the train/dev/test sampling (kept apart from --seed)",
     "eval_every": "steps between dev evaluations",
     "report_to": "none or wandb (offline unless an API key is set)",

@@ -20,9 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zoft.data import collate
 from zoft.errors import ZoftError
-from zoft.scoring import loss_terms
 
 PARALLEL = ("data", "directions")
 
@@ -82,12 +80,13 @@ def from_env(device: str) -> Group:
 
 
 class ShardedLoss:
-    """The mean objective of one global batch, from this rank's micro-batches and the others'."""
+    """The mean objective of one global batch, from this rank's micro-batches and the others'.
+    ``prepare`` turns a micro-batch's items into what ``terms`` scores (collated tensors, or the
+    items themselves for a metric of generated answers) once per step; ``terms`` gives its
+    (sum, count) at the current weights."""
 
-    def __init__(self, model, candidate_ids, objective: str, train_loss: str, pad_id: int, device, accumulate: int,
-                 group: Group):
-        self.model, self.cand, self.objective, self.train_loss = model, candidate_ids, objective, train_loss
-        self.pad_id, self.device, self.accumulate, self.group = pad_id, device, accumulate, group
+    def __init__(self, prepare, terms, accumulate: int, group: Group):
+        self.prepare, self.terms, self.accumulate, self.group = prepare, terms, accumulate, group
 
     def closure(self, items: list):
         parts = self.group.world * self.accumulate
@@ -95,12 +94,12 @@ class ShardedLoss:
             raise ZoftError(f"batch size {len(items)} must be a multiple of world size × accumulate = {parts}")
         size = len(items) // parts
         mine = range(self.group.rank * self.accumulate, (self.group.rank + 1) * self.accumulate)
-        batches = {j: collate(items[j * size : (j + 1) * size], self.pad_id, self.device) for j in mine}
+        batches = {j: self.prepare(items[j * size : (j + 1) * size]) for j in mine}
 
         def loss() -> torch.Tensor:
             terms = torch.zeros(2, parts, dtype=torch.float64)
             for j, batch in batches.items():
-                total, count = loss_terms(self.model, batch, self.cand, self.objective, self.train_loss)
+                total, count = self.terms(batch)
                 terms[0, j], terms[1, j] = float(total), float(count)
             self.group.sum_(terms)
             return terms[0].sum() / terms[1].sum()

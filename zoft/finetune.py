@@ -44,7 +44,7 @@ from zoft.logging import JsonlLogger, WandbLogger, check_metrics_kept
 from zoft.models import checkpoint_reader, load_model, model_id
 from zoft.optimizer import ZOOptimizer, build_optimizer, make_parts
 from zoft.rundir import RunFolder, default_run_name
-from zoft.scoring import METRICS, classification_loss, evaluate_task
+from zoft.scoring import METRICS, answer_f1_terms, classification_loss, evaluate_task, loss_terms
 from zoft.tasks import get_task, jsonl_task, sample_splits
 from zoft.tuner import read_tuner, summarise_scales, tuner_digest
 
@@ -231,9 +231,9 @@ def checked(cfg: FinetuneConfig):
     make_parts(**cfg.method())
     if cfg.head_init == "probe" and task.train_loss != "choice":
         raise ZoftError(f"--head-init probe needs a classification task; {task.name} scores answer sequences")
-    if task.generates and cfg.objective != "loss":
+    if task.generates and cfg.objective not in ("loss", "f1"):
         raise ZoftError(f"objective {cfg.objective} is for classification and multiple-choice tasks; {task.name}"
-                        " trains on the answer's loss")
+                        " trains on the answer's loss or on the token F1 of its greedy answers (f1)")
     if cfg.tuner not in ("none", "auto"):
         read_tuner(cfg.tuner)  # a missing or corrupt tuner fails before the model loads
     if cfg.num_dev is None:
@@ -395,15 +395,28 @@ def _loop(s: Session, p: Progress):
 
 
 def _closure(s: Session, items: list):
-    """The step's loss: the whole batch at once, or (with --accumulate, or data parallel) the
-    float64 mean of its micro-batches over the ranks (zoft/distributed.py)."""
+    """The step's loss: the whole batch at once, or (with --accumulate, or data parallel, or for
+    the F1 of generated answers) the float64 mean of its micro-batches over the ranks
+    (zoft/distributed.py)."""
     cfg = s.cfg
-    if cfg.accumulate > 1 or (s.group.world > 1 and cfg.parallel == "data"):
+    if cfg.accumulate > 1 or (s.group.world > 1 and cfg.parallel == "data") or _scores_answers(s):
         group = s.group if cfg.parallel == "data" else distributed.Group()
-        return distributed.ShardedLoss(s.model, s.cand, cfg.objective, s.task.train_loss, s.tokenizer.pad_token_id,
-                                       s.device, cfg.accumulate, group).closure(items)
+        return distributed.ShardedLoss(*_micro_batch_objective(s), cfg.accumulate, group).closure(items)
     batch = collate(items, s.tokenizer.pad_token_id, s.device)
     return lambda: classification_loss(s.model, batch, s.cand, cfg.objective, s.task.train_loss)
+
+
+def _scores_answers(s: Session) -> bool:
+    return s.task.generates and s.cfg.objective == "f1"
+
+
+def _micro_batch_objective(s: Session):
+    """(prepare, terms) for ShardedLoss: the F1 of generated answers needs the items (prompts
+    and gold strings), every other objective collated tensors."""
+    if _scores_answers(s):
+        return list, lambda chunk: answer_f1_terms(s.model, chunk, s.tokenizer)
+    return (lambda chunk: collate(chunk, s.tokenizer.pad_token_id, s.device),
+            lambda batch: loss_terms(s.model, batch, s.cand, s.cfg.objective, s.task.train_loss))
 
 
 def _watch(s: Session, p: Progress, loss: float):

@@ -212,19 +212,31 @@ def _stop_ids(tokenizer) -> list[int]:
 @torch.inference_mode()
 def generate_answers(model, items, tokenizer, batch_size: int = 8, max_new_tokens: int = 50) -> list[str]:
     """Greedy decoding from left-padded prompts, each answer cut at its first newline (MeZO)."""
-    device = next(model.parameters()).device
-    stop_ids = _stop_ids(tokenizer)
     answers = []
     for start in _progress(range(0, len(items), batch_size), "generate"):
-        prompts = [it.input_ids for it in items[start : start + batch_size]]
-        width = max(map(len, prompts))
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        answers += [t.split("\n", 1)[0].strip() for t in texts]
+        answers += _greedy_answers(model, items[start : start + batch_size], tokenizer, max_new_tokens)
     return answers
+
+
+def _greedy_answers(model, items, tokenizer, max_new_tokens: int) -> list[str]:
+    device = next(model.parameters()).device
+    prompts = [it.input_ids for it in items]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=_stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    return [t.split("\n", 1)[0].strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+
+
+@torch.inference_mode()
+def answer_f1_terms(model, items, tokenizer, max_new_tokens: int = 50) -> tuple[torch.Tensor, int]:
+    """(−Σ token F1, count) of the greedy answers to a micro-batch, each against its best gold
+    answer: MeZO's non-differentiable objective (§6.4). ZO needs only its value; a mean over
+    examples, so micro-batches and ranks add up to the global batch's."""
+    answers = _greedy_answers(model, items, tokenizer, max_new_tokens)
+    f1 = sum(answer_scores(a, it.answers)[0] for a, it in zip(answers, items))
+    return torch.tensor(-f1, dtype=torch.float64), len(items)
 
 
 def evaluate_generation(model, items, tokenizer, batch_size: int = 8, max_new_tokens: int = 50) -> dict:
