@@ -219,6 +219,7 @@ def generate_answers(model, items, tokenizer, batch_size: int = 8, max_new_token
 
 
 def _greedy_answers(model, items, tokenizer, max_new_tokens: int) -> list[str]:
+    """One batch, without a progress bar: the F1 objective decodes at every probe."""
     device = next(model.parameters()).device
     prompts = [it.input_ids for it in items]
     width = max(map(len, prompts))
